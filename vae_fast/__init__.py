@@ -1,0 +1,21 @@
+"""vae_fast: fused VAE losses (negative ELBO, Bernoulli/Gaussian NLL, Gaussian KL) with
+hand-written backward passes, on Triton (CUDA) and C++ (CPU) kernels."""
+from ._backend import use_backend
+from ._common import ELBOTerms
+from .functional import (
+    bernoulli_nll,
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    elbo_loss,
+    gaussian_kl,
+    gaussian_nll,
+)
+from .modules import BCELoss, BCEWithLogitsLoss, BernoulliNLLLoss, ELBOLoss, GaussianKLLoss, GaussianNLLLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BCELoss", "BCEWithLogitsLoss", "BernoulliNLLLoss", "ELBOLoss", "ELBOTerms", "GaussianKLLoss",
+    "GaussianNLLLoss", "bernoulli_nll", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    "elbo_loss", "gaussian_kl", "gaussian_nll", "use_backend",
+]

@@ -1,0 +1,94 @@
+"""Backend choice: `VAE_FAST_BACKEND` or `vae_fast.use_backend(name)`.
+
+"auto": CUDA tensors use Triton; CPU tensors use the C++ extension when it builds, else the
+reference (with one warning). A forced backend never falls back: what it cannot handle raises
+`NotImplementedError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+ENV = "VAE_FAST_BACKEND"
+_stack: list = []  # use_backend's nesting (a plain list: torch.compile traces reads of it)
+_warned = False
+
+
+def _check(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"vae_fast backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def current() -> str:
+    """The backend asked for: the innermost `use_backend`, else $VAE_FAST_BACKEND, else auto."""
+    if _stack:
+        return _stack[-1]
+    return _check(os.environ.get(ENV, "auto") or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with vae_fast.use_backend("reference"): ...` runs every loss inside on that backend."""
+    _stack.append(_check(name))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from . import triton_kernels
+
+    return not hasattr(triton_kernels._fused_loss_fwd_kernel, "cache")  # an interpreted function
+
+
+def cpu_extension():
+    """The C++ extension module, or None with the reason."""
+    try:
+        from . import _cpu
+    except ImportError as e:  # pragma: no cover - the module ships with the package
+        return None, f"vae_fast._cpu could not be imported: {e}"
+    if _cpu.available():
+        return _cpu, ""
+    return None, _cpu.unavailable_reason()
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that will run for tensors on `device`: "triton", "cpu" or "reference"."""
+    global _warned
+    name = current()
+    if name == "reference":
+        return name
+    if name == "triton":
+        if not triton_runs_on(device):
+            hint = " (set TRITON_INTERPRET=1 before importing vae_fast)" if device.type == "cpu" else ""
+            raise NotImplementedError(f"vae_fast: the triton backend cannot run on {device}{hint}")
+        return name
+    if name == "cpu":
+        if device.type != "cpu":
+            raise NotImplementedError(f"vae_fast: the cpu backend cannot run on {device}")
+        ext, why = cpu_extension()
+        if ext is None:
+            raise NotImplementedError(f"vae_fast: the cpu backend is unavailable: {why}")
+        return name
+    # auto
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        ext, why = cpu_extension()
+        if ext is not None:
+            return "cpu"
+        if not _warned:
+            _warned = True
+            warnings.warn(f"vae_fast: the C++ CPU extension is unavailable ({why}); "
+                          "CPU tensors use the reference implementation", RuntimeWarning, stacklevel=3)
+    return "reference"

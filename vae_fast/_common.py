@@ -1,0 +1,237 @@
+"""One place for what every loss shares: argument checking, reductions and the dtype policy.
+
+Both the fused path (`vae_fast.functional`) and the reference twin (`vae_fast.reference`) call
+these, so a bad argument raises the same error, with the same words, whichever path runs.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+VAE_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+ELBO_REDUCTIONS = ("batchmean", "sum", "none")
+TORCH_REDUCTIONS = ("mean", "sum", "none")
+LIKELIHOODS = ("bernoulli", "bernoulli_probs", "gaussian")
+
+ParamLike = Union[None, float, torch.Tensor]
+
+
+class ELBOTerms(NamedTuple):
+    """`elbo_loss(..., return_terms=True)`: the loss and its two terms, reduced the same way.
+
+    `kl` is unweighted: `loss = nll + beta * kl`.
+    """
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+
+
+def check_reduction(reduction, allowed=VAE_REDUCTIONS) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+    return reduction
+
+
+def check_likelihood(likelihood) -> str:
+    if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
+def check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(
+            f"beta must be a real Python number, got {type(beta).__name__}"
+            + (" (pass float(beta) for a tensor)" if isinstance(beta, torch.Tensor) else "")
+        )
+    beta = float(beta)
+    if not beta >= 0.0:  # also rejects nan
+        raise ValueError(f"beta must be a non-negative number, got {beta}")
+    return beta
+
+
+def check_main(name: str, t, *, allow_bool: bool = False, allow_scalar: bool = False) -> torch.Tensor:
+    """A tensor that defines the shape of its term: floating (or bool), with a batch dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.is_floating_point() or (allow_bool and t.dtype == torch.bool)):
+        kinds = "a floating point or bool" if allow_bool else "a floating point"
+        raise TypeError(f"{name} must be {kinds} tensor, got dtype {t.dtype}")
+    if t.dim() == 0 and not allow_scalar:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor (shape {tuple(t.shape)})")
+    return t
+
+
+def check_same_shape(name: str, t, partner_name: str, partner: torch.Tensor, *, allow_bool=False):
+    check_main(name, t, allow_bool=allow_bool, allow_scalar=partner.dim() == 0)
+    if t.shape != partner.shape:
+        raise ValueError(
+            f"{name} must have the shape of {partner_name}: got {name} {tuple(t.shape)} "
+            f"and {partner_name} {tuple(partner.shape)}"
+        )
+    return t
+
+
+def check_param(name: str, p: ParamLike, partner_name: str, partner: torch.Tensor,
+                *, allow_none: bool = True) -> ParamLike:
+    """A parameter (log-variance, prior, weight): a Python number, or a floating tensor that
+    broadcasts to its partner's shape without enlarging it."""
+    if p is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a tensor or a number, got None")
+    if isinstance(p, torch.Tensor):
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got dtype {p.dtype}")
+        ok = p.dim() <= partner.dim()
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(p.shape, partner.shape) == partner.shape
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} of shape {tuple(p.shape)} does not broadcast to the shape of "
+                f"{partner_name} {tuple(partner.shape)}"
+            )
+        return p
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a tensor or a real number, got {type(p).__name__}")
+    return float(p)
+
+
+def check_batch(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"batch size of {a_name} {tuple(a.shape)} differs from that of {b_name} {tuple(b.shape)}"
+        )
+
+
+def check_devices(**named) -> torch.device:
+    devices = {n: t.device for n, t in named.items() if isinstance(t, torch.Tensor)}
+    unique = set(devices.values())
+    if len(unique) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return unique.pop()
+
+
+def acc_dtype(*tensors) -> torch.dtype:
+    """Sums accumulate (and reduced losses come back) in float64 when any input is float64,
+    else in float32: 16-bit inputs are read as they are and summed in float32."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def reduce_terms(per_elem: torch.Tensor, reduction: str) -> torch.Tensor:
+    """`"none"` = one value per sample (sum over every dimension but the first)."""
+    if reduction == "none":
+        return per_elem.reshape(per_elem.shape[0], -1).sum(1)
+    total = per_elem.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / per_elem.shape[0]
+    return total / per_elem.numel()  # "mean": 0/0 = nan for empty input, as torch
+
+
+class Problem(NamedTuple):
+    """A checked call, in the one form that every backend computes.
+
+    Reconstruction term over (x, y) with parameters rlv (Gaussian log-variance), w (weight),
+    pw (pos_weight); KL term over mu with parameters lv, pmu, plv. `reduction` is one of
+    VAE_REDUCTIONS or "elementwise" (the drop-in BCE's "none"). `loss = nll + beta * kl`.
+    """
+
+    kind: str  # "none", "bernoulli", "bernoulli_probs" or "gaussian"
+    x: Optional[torch.Tensor]
+    y: Optional[torch.Tensor]
+    rlv: ParamLike
+    w: Optional[torch.Tensor]
+    pw: Optional[torch.Tensor]
+    full: bool
+    mu: Optional[torch.Tensor]
+    lv: ParamLike
+    pmu: ParamLike
+    plv: ParamLike
+    beta: float
+    reduction: str
+    return_terms: bool = False
+
+
+_NO_KL = dict(mu=None, lv=None, pmu=None, plv=None, beta=1.0)
+_NO_RECON = dict(x=None, y=None, rlv=None, w=None, pw=None, full=False)
+
+
+def _finish(p: Problem) -> Problem:
+    check_devices(x=p.x, y=p.y, rlv=p.rlv, w=p.w, pw=p.pw, mu=p.mu, lv=p.lv, pmu=p.pmu, plv=p.plv)
+    return p
+
+
+def parse_bernoulli_nll(logits, target, reduction, *, probs=False) -> Problem:
+    check_main("logits" if not probs else "input", logits)
+    check_same_shape("target", target, "logits", logits, allow_bool=True)
+    kind = "bernoulli_probs" if probs else "bernoulli"
+    return _finish(Problem(kind, logits, target, None, None, None, False, **_NO_KL,
+                           reduction=check_reduction(reduction)))
+
+
+def parse_gaussian_nll(mean, target, logvar, full, reduction) -> Problem:
+    check_main("mean", mean)
+    check_same_shape("target", target, "mean", mean)
+    logvar = check_param("logvar", logvar, "mean", mean, allow_none=False)
+    return _finish(Problem("gaussian", mean, target, logvar, None, None, bool(full), **_NO_KL,
+                           reduction=check_reduction(reduction)))
+
+
+def parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> Problem:
+    check_main("mu", mu)
+    logvar = check_param("logvar", logvar, "mu", mu, allow_none=False)
+    prior_mu = check_param("prior_mu", prior_mu, "mu", mu)
+    prior_logvar = check_param("prior_logvar", prior_logvar, "mu", mu)
+    return _finish(Problem("none", **_NO_RECON, mu=mu, lv=logvar, pmu=prior_mu, plv=prior_logvar,
+                           beta=1.0, reduction=check_reduction(reduction)))
+
+
+def parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, prior_logvar,
+               beta, reduction, return_terms) -> Problem:
+    likelihood = check_likelihood(likelihood)
+    reduction = check_reduction(reduction, ELBO_REDUCTIONS)
+    beta = check_beta(beta)
+    check_main("recon", recon)
+    check_same_shape("target", target, "recon", recon, allow_bool=likelihood != "gaussian")
+    check_main("mu", mu)
+    check_batch("recon", recon, "mu", mu)
+    logvar = check_param("logvar", logvar, "mu", mu, allow_none=False)
+    prior_mu = check_param("prior_mu", prior_mu, "mu", mu)
+    prior_logvar = check_param("prior_logvar", prior_logvar, "mu", mu)
+    if likelihood == "gaussian":
+        recon_logvar = check_param("recon_logvar", recon_logvar, "recon", recon)
+        recon_logvar = 0.0 if recon_logvar is None else recon_logvar
+    elif recon_logvar is not None:
+        raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+    return _finish(Problem(likelihood, recon, target, recon_logvar, None, None, True, mu, logvar,
+                           prior_mu, prior_logvar, beta, reduction, bool(return_terms)))
+
+
+def parse_bce(input, target, weight, reduction, pos_weight, *, logits: bool) -> Problem:
+    check_main("input", input, allow_scalar=True)  # torch's BCE takes 0-d tensors
+    check_same_shape("target", target, "input", input, allow_bool=True)
+    weight = check_param("weight", weight, "input", input)
+    if isinstance(weight, float):
+        raise TypeError("weight must be a tensor or None, got float")
+    if pos_weight is not None:
+        if not logits:
+            raise TypeError("pos_weight is only accepted by binary_cross_entropy_with_logits")
+        pos_weight = check_param("pos_weight", pos_weight, "input", input)
+        if isinstance(pos_weight, float):
+            raise TypeError("pos_weight must be a tensor or None, got float")
+    reduction = check_reduction(reduction, TORCH_REDUCTIONS)
+    kind = "bernoulli" if logits else "bernoulli_probs"
+    return _finish(Problem(kind, input, target, None, weight, pos_weight, False, **_NO_KL,
+                           reduction="elementwise" if reduction == "none" else reduction))

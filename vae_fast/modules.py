@@ -1,0 +1,71 @@
+"""`nn.Module` forms of the losses; the drop-in BCE modules subclass torch's."""
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+
+
+class ELBOLoss(torch.nn.Module):
+    """Negative ELBO, `vae_fast.elbo_loss` as a module. `forward(recon, target, mu, logvar,
+    recon_logvar=None)`; a `recon_logvar` given to forward overrides the constructor's."""
+
+    def __init__(self, *, likelihood="bernoulli", recon_logvar=None, prior_mu=None,
+                 prior_logvar=None, beta=1.0, reduction="batchmean", return_terms=False):
+        super().__init__()
+        self.likelihood, self.recon_logvar, self.beta = likelihood, recon_logvar, beta
+        self.prior_mu, self.prior_logvar = prior_mu, prior_logvar
+        self.reduction, self.return_terms = reduction, return_terms
+
+    def forward(self, recon, target, mu, logvar, recon_logvar=None):
+        return F.elbo_loss(
+            recon, target, mu, logvar, likelihood=self.likelihood,
+            recon_logvar=self.recon_logvar if recon_logvar is None else recon_logvar,
+            prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, beta=self.beta,
+            reduction=self.reduction, return_terms=self.return_terms,
+        )
+
+
+class BernoulliNLLLoss(torch.nn.Module):
+    def __init__(self, *, reduction="batchmean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits, target):
+        return F.bernoulli_nll(logits, target, reduction=self.reduction)
+
+
+class GaussianNLLLoss(torch.nn.Module):
+    """Gaussian NLL with a log-variance (not torch.nn.GaussianNLLLoss's variance)."""
+
+    def __init__(self, *, logvar=0.0, full=True, reduction="batchmean"):
+        super().__init__()
+        self.logvar, self.full, self.reduction = logvar, full, reduction
+
+    def forward(self, mean, target, logvar=None):
+        return F.gaussian_nll(mean, target, self.logvar if logvar is None else logvar,
+                              full=self.full, reduction=self.reduction)
+
+
+class GaussianKLLoss(torch.nn.Module):
+    def __init__(self, *, prior_mu=None, prior_logvar=None, reduction="batchmean"):
+        super().__init__()
+        self.prior_mu, self.prior_logvar, self.reduction = prior_mu, prior_logvar, reduction
+
+    def forward(self, mu, logvar):
+        return F.gaussian_kl(mu, logvar, self.prior_mu, self.prior_logvar, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """Drop-in for `torch.nn.BCEWithLogitsLoss` on vae_fast's fused kernels."""
+
+    def forward(self, input, target):
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
+                                                  self.pos_weight)
+
+
+class BCELoss(torch.nn.BCELoss):
+    """Drop-in for `torch.nn.BCELoss` on vae_fast's fused kernels."""
+
+    def forward(self, input, target):
+        return F.binary_cross_entropy(input, target, self.weight, self.reduction)

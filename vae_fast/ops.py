@@ -1,0 +1,275 @@
+"""The fused op: one `torch.library` custom op for every loss, its fake and its autograd.
+
+`vae_fast::fused_loss` computes a reconstruction term over (x, y) and a KL term over mu in one
+pass, writes the gradients of the inputs that need them in that same pass, and returns
+(loss, nll, kl, *grads). Its backward only scales those gradients. The op body lowers the
+tensors to contiguous buffers plus a little geometry and calls a backend's raw `fused_forward`
+/ `scale_` (Triton: `vae_fast.triton_kernels`; C++: `vae_fast._cpu`), which share one interface.
+
+Being a custom op with `register_fake` and `register_autograd` is what lets
+`torch.compile(fullgraph=True)` trace a training step through it.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _common as C
+
+KINDS = {"none": 0, "bernoulli": 1, "bernoulli_probs": 2, "gaussian": 3}
+TOTAL, ROWS, ELEMENTWISE = 0, 1, 2
+CONST, FULL, PERIODIC = 0, 1, 2
+GRAD_NAMES = ("x", "y", "rlv", "w", "pw", "mu", "lv", "pmu", "plv")
+_PARAM_SLOTS = (2, 3, 4, 6, 7, 8)  # positions of the parameters among the nine inputs
+
+
+def _red_mode(reduction: str) -> int:
+    return {"none": ROWS, "elementwise": ELEMENTWISE}.get(reduction, TOTAL)
+
+
+def param_geometry(p: Optional[Tensor], shape) -> tuple[int, int, int]:
+    """How a parameter is read by its stream: (mode, inner, count).
+
+    FULL: same shape as its partner. PERIODIC: element at flat offset `off` reads
+    `p[(off // inner) % count]`, which covers every broadcast whose non-1 dimensions are one
+    contiguous run of the partner's (a scalar, a per-feature `(Z,)`, a per-channel `(C,1,1)`,
+    a per-sample `(B,1,1,1)`). Other broadcasts are expanded first (see `_lower_param`).
+    """
+    if p is None:
+        return CONST, 1, 1
+    if tuple(p.shape) == tuple(shape):
+        return FULL, 1, 1
+    ps = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+    idx = [i for i, n in enumerate(ps) if n != 1]
+    if not idx:
+        return PERIODIC, 1, 1
+    i0, i1 = idx[0], idx[-1]
+    if all(ps[i] == shape[i] for i in range(i0, i1 + 1)):
+        return PERIODIC, math.prod(shape[i1 + 1:]), math.prod(shape[i0:i1 + 1])
+    return FULL, 1, 1  # after expansion
+
+
+def _lower_param(p: Optional[Tensor], shape):
+    mode, inner, count = param_geometry(p, shape)
+    if p is not None and mode == FULL and tuple(p.shape) != tuple(shape):
+        p = p.expand(shape)
+    return (None if p is None else p.contiguous()), mode, inner, count
+
+
+def _stored_grad_shape(p: Tensor, shape, red_mode: int, rows: int):
+    """A gradient buffer of a parameter: full parameters keep their shape (scaled in place by
+    the backward); broadcast ones are summed right away to what the backward still needs:
+    the parameter's shape (one scalar coefficient), one slice per row ("none"), or the full
+    shape (elementwise coefficients)."""
+    if tuple(p.shape) == tuple(shape):
+        return tuple(shape)
+    if red_mode == TOTAL:
+        return tuple(p.shape)
+    if red_mode == ROWS:
+        ps = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+        return (rows,) + ps[1:]
+    return tuple(shape)
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    shape = tuple(shape)
+    return t.sum() if not shape else t.sum_to_size(shape)
+
+
+def _geometry(x, mu, reduction):
+    n = x.numel() if x is not None else 0
+    m = mu.numel() if mu is not None else 0
+    batch = (x if x is not None else mu).shape[0] if (x if x is not None else mu).dim() else 1
+    red = _red_mode(reduction)
+    if red == ROWS:
+        rows = batch
+        row_len_r = n // rows if rows else 0
+        row_len_k = m // rows if rows else 0
+    else:
+        rows, row_len_r, row_len_k = 1, n, m
+    inv = lambda k: 1.0 / k if k else math.inf  # noqa: E731  (0 * inf = nan, as torch's means)
+    if reduction == "batchmean":
+        scale_r = scale_k = inv(batch)
+    elif reduction == "mean":
+        scale_r, scale_k = inv(n), inv(m)
+    else:
+        scale_r = scale_k = 1.0
+    return red, rows, row_len_r, row_len_k, scale_r, scale_k
+
+
+def _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs):
+    acc = C.acc_dtype(x, y, rlv, w, pw, mu, lv, pmu, plv)
+    dev = (x if x is not None else mu).device
+    red, rows, *_ = _geometry(x, mu, reduction)
+    if red == ELEMENTWISE:
+        outs = [torch.empty(x.shape, dtype=acc, device=dev)]
+        outs += [torch.empty(0, dtype=acc, device=dev)] * 2
+    else:
+        shape = (rows,) if red == ROWS else ()
+        outs = [torch.empty(shape, dtype=acc, device=dev) for _ in range(3)]
+    inputs = (x, y, rlv, w, pw, mu, lv, pmu, plv)
+    for i, t in enumerate(inputs):
+        if not needs[i] or t is None:
+            outs.append(torch.empty(0, dtype=acc, device=dev))
+            continue
+        partner = x if i < 5 else mu
+        if i in _PARAM_SLOTS:
+            shape = _stored_grad_shape(t, partner.shape, red, rows)
+            dt = t.dtype if shape == tuple(partner.shape) == tuple(t.shape) else acc
+        else:
+            shape, dt = tuple(t.shape), t.dtype
+        outs.append(torch.empty(shape, dtype=dt, device=dev))
+    return outs
+
+
+def _backend_module(backend: str):
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    if backend == "cpu":
+        from . import _cpu
+
+        return _cpu
+    raise NotImplementedError(f"vae_fast: no fused backend named {backend!r}")
+
+
+@torch.library.custom_op("vae_fast::fused_loss", mutates_args=())
+def fused_loss(
+    x: Optional[Tensor], y: Optional[Tensor], rlv: Optional[Tensor], w: Optional[Tensor],
+    pw: Optional[Tensor], mu: Optional[Tensor], lv: Optional[Tensor], pmu: Optional[Tensor],
+    plv: Optional[Tensor], kind: str, reduction: str, full: bool, rlv_const: float,
+    pmu_const: float, plv_const: float, beta: float, needs: list[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, nll, kl, grad_x, grad_y, grad_rlv, grad_w, grad_pw, grad_mu, grad_lv, grad_pmu,
+    grad_plv); gradients not asked for in `needs` are empty."""
+    outs = _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs)
+    red, rows, row_len_r, row_len_k, scale_r, scale_k = _geometry(x, mu, reduction)
+    inputs = (x, y, rlv, w, pw, mu, lv, pmu, plv)
+    lowered, modes, inners, counts = [], [], [], []
+    for i, t in enumerate(inputs):
+        partner = x if i < 5 else mu
+        if i in _PARAM_SLOTS:
+            t, mode, inner, count = _lower_param(t, partner.shape) if partner is not None else (None, CONST, 1, 1)
+            modes.append(mode), inners.append(inner), counts.append(count)
+        elif t is not None:
+            t = t.contiguous()
+        lowered.append(t)
+    # gradient buffers as the kernels see them: full-size, contiguous; broadcast parameters get
+    # a full-size temporary that is summed down below
+    kernel_grads = []
+    for i, g in enumerate(outs[3:]):
+        partner = x if i < 5 else mu
+        if not needs[i] or inputs[i] is None:
+            kernel_grads.append(None)
+        elif tuple(g.shape) == tuple(partner.shape):
+            kernel_grads.append(g)
+        else:
+            kernel_grads.append(torch.empty(partner.shape, dtype=g.dtype, device=g.device))
+    _backend_module(backend).fused_forward(
+        *lowered, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k, modes=modes,
+        inners=inners, counts=counts, consts=[rlv_const, pmu_const, plv_const],
+        kind=KINDS[kind], full=full, red_mode=red, scale_r=scale_r, scale_k=scale_k, beta=beta,
+        out_loss=outs[0], out_nll=outs[1], out_kl=outs[2], grads=kernel_grads,
+    )
+    for i, (g, kg) in enumerate(zip(outs[3:], kernel_grads)):
+        if kg is not None and kg is not g:
+            g.copy_(_sum_to(kg, g.shape))
+    return tuple(outs)
+
+
+@fused_loss.register_fake
+def _(x, y, rlv, w, pw, mu, lv, pmu, plv, kind, reduction, full, rlv_const, pmu_const,
+      plv_const, beta, needs, backend):
+    return tuple(_allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, rlv, w, pw, mu, lv, pmu, plv = inputs[:9]
+    reduction, beta, needs = inputs[10], inputs[15], inputs[16]
+    red, rows, row_len_r, row_len_k, _, _ = _geometry(x, mu, reduction)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.save_for_backward(*output[3:])
+    ctx.geometry = (red, rows, row_len_r, row_len_k)
+    ctx.beta = beta
+    ctx.backend = inputs[17]
+    ctx.needs = list(needs)
+    ctx.shapes = [None if not isinstance(t, Tensor) else (tuple(t.shape), t.dtype) for t in inputs[:9]]
+    ctx.used = False
+    # A gradient buffer is scaled in place by the backward only while nobody else can see it:
+    # the public functions drop these outputs at once; a caller of the raw op that keeps them
+    # (opcheck does) gets out-of-place scaling instead, so the outputs it holds never change.
+    ctx.outputs = [weakref.ref(t) for t in output[3:]]
+
+
+def _tracing(*tensors) -> bool:
+    """True while torch.compile / export traces the backward: then a plain multiply that
+    Inductor fuses replaces the in-place kernel."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None or any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+
+
+def _backward(ctx, g_loss, g_nll, g_kl, *unused):
+    red, rows, row_len_r, row_len_k = ctx.geometry
+    if ctx.used:
+        raise RuntimeError(
+            "vae_fast: backward through the same fused loss twice is not supported (the first "
+            "backward scaled its gradient buffers in place); recompute the loss for a second "
+            "backward"
+        )
+    bufs = ctx.saved_tensors
+    beta = ctx.beta
+    grads = [None] * 9
+    inplace_r, inplace_k = [], []
+    tracing = _tracing(g_loss, g_nll, g_kl, *bufs)
+    coef_r = coef_k = None
+    for i, buf in enumerate(bufs):
+        if not ctx.needs[i] or ctx.shapes[i] is None or not ctx.needs_input_grad[i]:
+            continue
+        shape, dtype = ctx.shapes[i]
+        partner = ctx.shapes[0 if i < 5 else 5][0]
+        donated = ctx.outputs[i]() is None
+        if tuple(buf.shape) == tuple(partner) == shape and donated and not tracing:
+            (inplace_r if i < 5 else inplace_k).append(buf)
+            grads[i] = buf
+            continue
+        # plain torch: the compiled path, and broadcast parameters' small summed buffers
+        if coef_r is None:
+            coef_r = _combine(g_loss, g_nll, 1.0, buf)
+            coef_k = _combine(g_loss, g_kl, beta, buf)
+        coef = coef_r if i < 5 else coef_k
+        if red == ROWS and coef.dim() == 1:
+            coef = coef.reshape((-1,) + (1,) * (buf.dim() - 1))
+        elif red == ELEMENTWISE and coef.dim():
+            coef = coef.reshape(buf.shape) if buf.dim() else coef.reshape(())
+        grads[i] = _sum_to(buf * coef, shape).to(dtype)
+    if inplace_r or inplace_k:
+        ctx.used = True
+        for b in inplace_r + inplace_k:
+            torch.autograd.graph.increment_version(b)
+        _backend_module(ctx.backend).scale_(
+            inplace_r, inplace_k,
+            *(None if g is None else g.contiguous() for g in (g_loss, g_nll, g_kl)),
+            beta=beta, red_mode=red, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k,
+        )
+    return (*grads,) + (None,) * 9
+
+
+def _combine(g_loss, g_term, weight: float, like: Tensor):
+    if g_loss is None:
+        return g_term if g_term is not None else like.new_zeros(())
+    c = g_loss * weight if weight != 1.0 else g_loss
+    return c if g_term is None else c + g_term
+
+
+fused_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,121 @@
+"""Plain, readable PyTorch for every public loss: the oracle of the tests and the fallback path.
+
+Same signatures, checks, reductions and dtype policy as the fused functions in `vae_fast`;
+gradients come from autograd. Every formula is the one in DESIGN.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _common as C
+from ._common import ELBOTerms, Problem
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _as(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+
+
+class _BernoulliProbsNLL(torch.autograd.Function):
+    """`F.binary_cross_entropy(reduction="none")`, written out so it also runs under autocast
+    and in float64 for every input. The clamps make autograd's gradient 0*inf = nan at x in
+    {0, 1}, so the backward is torch's own formula: `(x-y)/max(x(1-x), 1e-12)` and, for the
+    target, `log1p(-x) - log(x)`."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return -(y * torch.log(x).clamp_min(-100) + (1 - y) * torch.log1p(-x).clamp_min(-100))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        gx = g * (x - y) / (x * (1 - x)).clamp_min(1e-12) if ctx.needs_input_grad[0] else None
+        gy = g * (torch.log1p(-x) - torch.log(x)) if ctx.needs_input_grad[1] else None
+        return gx, gy
+
+
+def _recon_elementwise(p: Problem, dt: torch.dtype) -> torch.Tensor:
+    x, y = p.x.to(dt), p.y.to(dt)
+    if p.kind == "bernoulli":
+        if p.pw is None:
+            loss = F.softplus(x) - y * x  # softplus(z) - y*z, exact gradient at z = 0
+        else:  # torch's pos_weight form: (1-y)*z + (1 + (pw-1)*y) * softplus(-z)
+            loss = (1 - y) * x + (1 + (p.pw.to(dt) - 1) * y) * F.softplus(-x)
+    elif p.kind == "bernoulli_probs":
+        loss = _BernoulliProbsNLL.apply(x, y)
+    else:  # gaussian
+        s = _as(p.rlv, dt)
+        s_t = s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=dt, device=x.device)
+        loss = 0.5 * (s_t + (y - x) ** 2 * torch.exp(-s_t))
+        if p.full:
+            loss = loss + HALF_LOG_2PI
+    if p.w is not None:
+        loss = loss * p.w.to(dt)
+    return loss.expand(p.x.shape) if loss.shape != p.x.shape else loss
+
+
+def _kl_elementwise(p: Problem, dt: torch.dtype) -> torch.Tensor:
+    mu = p.mu.to(dt)
+    lv = _as(p.lv, dt)
+    pmu = 0.0 if p.pmu is None else _as(p.pmu, dt)
+    plv = 0.0 if p.plv is None else _as(p.plv, dt)
+    lv_t = lv if isinstance(lv, torch.Tensor) else torch.tensor(lv, dtype=dt, device=mu.device)
+    plv_t = plv if isinstance(plv, torch.Tensor) else torch.tensor(plv, dtype=dt, device=mu.device)
+    d = lv_t - plv_t
+    kl = 0.5 * (torch.expm1(d) - d + (mu - pmu) ** 2 * torch.exp(-plv_t))
+    return kl.expand(mu.shape) if kl.shape != mu.shape else kl
+
+
+def compute(p: Problem):
+    dt = C.acc_dtype(p.x, p.y, p.rlv, p.w, p.pw, p.mu, p.lv, p.pmu, p.plv)
+    if p.reduction == "elementwise":
+        return _recon_elementwise(p, dt)
+    nll = C.reduce_terms(_recon_elementwise(p, dt), p.reduction) if p.kind != "none" else None
+    kl = C.reduce_terms(_kl_elementwise(p, dt), p.reduction) if p.mu is not None else None
+    if kl is None:
+        return nll
+    if nll is None:
+        return kl
+    loss = nll + p.beta * kl
+    return ELBOTerms(loss, nll, kl) if p.return_terms else loss
+
+
+def bernoulli_nll(logits, target, *, reduction="batchmean"):
+    """Bernoulli negative log-likelihood from logits, summed per pixel:
+    `softplus(z) - y*z = max(z,0) - y*z + log1p(exp(-|z|))`."""
+    return compute(C.parse_bernoulli_nll(logits, target, reduction))
+
+
+def gaussian_nll(mean, target, logvar=0.0, *, full=True, reduction="batchmean"):
+    """Gaussian negative log-likelihood with log-variance s:
+    `0.5*(s + (y-m)^2*exp(-s))` (+ `0.5*log(2*pi)` when `full`)."""
+    return compute(C.parse_gaussian_nll(mean, target, logvar, full, reduction))
+
+
+def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batchmean"):
+    """`KL(N(mu, e^s) || N(mu_p, e^s_p)) = 0.5*(expm1(s-s_p) - (s-s_p) + (mu-mu_p)^2*exp(-s_p))`;
+    prior None = N(0, I)."""
+    return compute(C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction))
+
+
+def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
+              prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
+              return_terms=False):
+    """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`."""
+    return compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
+                                prior_logvar, beta, reduction, return_terms))
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
+    """`torch.nn.functional.binary_cross_entropy_with_logits`, computed in float32/float64."""
+    return compute(C.parse_bce(input, target, weight, reduction, pos_weight, logits=True))
+
+
+def binary_cross_entropy(input, target, weight=None, reduction="mean"):
+    """`torch.nn.functional.binary_cross_entropy` (log clamped at -100), in float32/float64."""
+    return compute(C.parse_bce(input, target, weight, reduction, None, logits=False))

@@ -1,0 +1,466 @@
+"""The Triton kernels: one fused forward for every loss, a tiny finalize, an in-place scale.
+
+Memory traffic is the whole game for these losses (a few flops per byte), so:
+- `_fused_loss_fwd_kernel` reads each input once and, when inputs require grad, writes the
+  gradients in the same pass; a reconstruction stream (x, y) and a KL stream (mu, logvar) share
+  one launch, programs [0, chunks_r) of each row taking the first, the rest the second.
+- per-program partial sums go to a small fp32/fp64 buffer and `_finalize_kernel` adds them in a
+  fixed order (no float atomics: the same inputs give bitwise the same loss);
+- the backward is `_scale_grads_kernel`, in place on our own gradient buffers, which returns at
+  once when the coefficient it reads is 1 (the usual case), so it decides on the device and the
+  host never syncs.
+Offsets are int64 (tensors over 2^31 elements). `libdevice` is not used because the interpreter
+(our CPU test path) cannot run it: log1p and expm1 are written out below, accurate to a few ulp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# param modes (see vae_fast.ops.param_geometry)
+CONST, FULL, PERIODIC = 0, 1, 2
+# kinds
+NO_RECON, BERNOULLI, BERNOULLI_PROBS, GAUSSIAN = 0, 1, 2, 3
+# reduction modes
+TOTAL, ROWS, ELEMENTWISE = 0, 1, 2
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@triton.jit
+def _log1p(a):
+    # Goldberg: log(u) * a / (u - 1) with u = 1 + a cancels the rounding of 1 + a.
+    u = 1.0 + a
+    return tl.where(u == 1.0, a, tl.log(u) * (a / (u - 1.0)))
+
+
+@triton.jit
+def _expm1(d):
+    # Kahan: (u - 1) * d / log(u) with u = exp(d) is accurate for small |d|; plain u - 1 is
+    # accurate for |d| >= 0.5 and keeps inf/-1 at the ends.
+    u = tl.exp(d)
+    um1 = u - 1.0
+    small = (u != 1.0) & (tl.abs(d) < 0.5)
+    safe_log = tl.where(small, tl.log(u), 1.0)
+    return tl.where(u == 1.0, d, tl.where(small, um1 * (d / safe_log), um1))
+
+
+@triton.jit
+def _load_param(ptr, off, mask, const, inner, count, MODE: tl.constexpr, ACC: tl.constexpr):
+    if MODE == 1:
+        v = tl.load(ptr + off, mask=mask, other=0.0).to(ACC)
+    elif MODE == 2:
+        v = tl.load(ptr + (off // inner) % count, mask=mask, other=0.0).to(ACC)
+    else:
+        v = tl.zeros(off.shape, ACC) + const
+    return v
+
+
+@triton.jit
+def _recon_tile(
+    x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr, out_ptr,
+    off, mask, rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count, scale,
+    KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
+    RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+    G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
+    G_PW: tl.constexpr, ACC: tl.constexpr,
+):
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+    y = tl.load(y_ptr + off, mask=mask, other=0).to(ACC)
+    if KIND == 1:  # Bernoulli from logits; e = exp(-|z|) feeds softplus and sigmoid both
+        e = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + e)
+        softplus_neg = tl.maximum(-x, 0.0) + _log1p(e)  # softplus(-z)
+        one_minus_sig = tl.where(x >= 0, e * r, r)
+        if PW_MODE != 0:
+            pw = _load_param(pw_ptr, off, mask, 1.0, pw_inner, pw_count, PW_MODE, ACC)
+            lw = 1.0 + (pw - 1.0) * y
+            loss = (1.0 - y) * x + lw * softplus_neg
+            dx = (1.0 - y) - lw * one_minus_sig
+            dy = (pw - 1.0) * softplus_neg - x
+            dpw = y * softplus_neg
+        else:
+            loss = (1.0 - y) * x + softplus_neg  # = softplus(z) - y*z
+            dx = (1.0 - one_minus_sig) - y
+            dy = -x
+            dpw = dy  # unused
+        drlv = dy  # unused
+    elif KIND == 2:  # Bernoulli from probabilities, F.binary_cross_entropy semantics
+        log_x = tl.log(x)
+        log_1mx = _log1p(-x)
+        loss = -(y * tl.maximum(log_x, -100.0) + (1.0 - y) * tl.maximum(log_1mx, -100.0))
+        dx = (x - y) / tl.maximum(x * (1.0 - x), 1e-12)
+        dy = log_1mx - log_x
+        dpw = dy  # unused
+        drlv = dy  # unused
+    else:  # Gaussian with log-variance s
+        s = _load_param(rlv_ptr, off, mask, rlv_const, rlv_inner, rlv_count, RLV_MODE, ACC)
+        inv_var = tl.exp(-s)
+        t = y - x
+        q = t * t * inv_var
+        loss = 0.5 * (s + q)
+        if FULL:
+            loss = loss + tl.full(loss.shape, 0.9189385332046727, ACC)  # 0.5*log(2*pi)
+        dy = t * inv_var
+        dx = -dy
+        drlv = 0.5 * (1.0 - q)
+        dpw = dy  # unused
+    if W_MODE != 0:
+        w = _load_param(w_ptr, off, mask, 1.0, w_inner, w_count, W_MODE, ACC)
+        if G_W:
+            tl.store(gw_ptr + off, loss * scale, mask=mask)
+        loss = loss * w
+        dx = dx * w
+        dy = dy * w
+        dpw = dpw * w
+    if G_X:
+        tl.store(gx_ptr + off, (dx * scale).to(gx_ptr.dtype.element_ty), mask=mask)
+    if G_Y:
+        tl.store(gy_ptr + off, (dy * scale).to(gy_ptr.dtype.element_ty), mask=mask)
+    if G_RLV:
+        tl.store(grlv_ptr + off, (drlv * scale).to(grlv_ptr.dtype.element_ty), mask=mask)
+    if G_PW:
+        tl.store(gpw_ptr + off, (dpw * scale).to(gpw_ptr.dtype.element_ty), mask=mask)
+    if ELEMENTWISE_OUT:
+        tl.store(out_ptr + off, loss.to(out_ptr.dtype.element_ty), mask=mask)
+    return tl.where(mask, loss, 0.0)
+
+
+@triton.jit
+def _kl_tile(
+    mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+    off, mask, pmu_const, plv_const, lv_inner, lv_count, pmu_inner, pmu_count,
+    plv_inner, plv_count, scale,
+    LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
+    G_MU: tl.constexpr, G_LV: tl.constexpr, G_PMU: tl.constexpr, G_PLV: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    mu = tl.load(mu_ptr + off, mask=mask, other=0.0).to(ACC)
+    lv = _load_param(lv_ptr, off, mask, 0.0, lv_inner, lv_count, LV_MODE, ACC)
+    pmu = _load_param(pmu_ptr, off, mask, pmu_const, pmu_inner, pmu_count, PMU_MODE, ACC)
+    plv = _load_param(plv_ptr, off, mask, plv_const, plv_inner, plv_count, PLV_MODE, ACC)
+    d = lv - plv
+    em1 = _expm1(d)
+    inv_pvar = tl.exp(-plv)
+    dm = mu - pmu
+    q = dm * dm * inv_pvar
+    kl = 0.5 * (em1 - d + q)
+    if G_MU:
+        tl.store(gmu_ptr + off, (dm * inv_pvar * scale).to(gmu_ptr.dtype.element_ty), mask=mask)
+    if G_LV:
+        tl.store(glv_ptr + off, (0.5 * em1 * scale).to(glv_ptr.dtype.element_ty), mask=mask)
+    if G_PMU:
+        tl.store(gpmu_ptr + off, (-dm * inv_pvar * scale).to(gpmu_ptr.dtype.element_ty), mask=mask)
+    if G_PLV:
+        tl.store(gplv_ptr + off, (-0.5 * (em1 + q) * scale).to(gplv_ptr.dtype.element_ty), mask=mask)
+    return tl.where(mask, kl, 0.0)
+
+
+@triton.jit
+def _fused_loss_fwd_kernel(
+    x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr, out_ptr,
+    mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+    part_r_ptr, part_k_ptr,
+    row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
+    rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
+    lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
+    rlv_const, pmu_const, plv_const, scale_r, scale_k,
+    KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
+    RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+    LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
+    G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
+    G_PW: tl.constexpr, G_MU: tl.constexpr, G_LV: tl.constexpr, G_PMU: tl.constexpr,
+    G_PLV: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # program -> (row, chunk); a chunk covers `tiles_*` consecutive tiles of its row.
+    pid = tl.program_id(0).to(tl.int64)
+    chunks = chunks_r + chunks_k
+    row = pid // chunks
+    c = pid % chunks
+    if KIND == 0:
+        _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+                  part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
+                  plv_const, lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
+                  scale_k, LV_MODE, PMU_MODE, PLV_MODE, G_MU, G_LV, G_PMU, G_PLV, BLOCK_K, ACC)
+    elif not HAS_KL:
+        _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr,
+                     gpw_ptr, out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r,
+                     rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
+                     scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE, G_X, G_Y,
+                     G_RLV, G_W, G_PW, BLOCK_R, ACC)
+    elif c < chunks_r:
+        _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr,
+                     gpw_ptr, out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r,
+                     rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
+                     scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE, G_X, G_Y,
+                     G_RLV, G_W, G_PW, BLOCK_R, ACC)
+    else:
+        _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+                  part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
+                  plv_const, lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
+                  scale_k, LV_MODE, PMU_MODE, PLV_MODE, G_MU, G_LV, G_PMU, G_PLV, BLOCK_K, ACC)
+
+
+@triton.jit
+def _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr,
+                 out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r, rlv_const, rlv_inner,
+                 rlv_count, w_inner, w_count, pw_inner, pw_count, scale_r,
+                 KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
+                 RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+                 G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
+                 G_PW: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+    acc = tl.zeros([BLOCK_R], ACC)
+    base = row * row_len_r
+    for t in range(0, tiles_r):
+        d = (c * tiles_r + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc += _recon_tile(
+            x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr,
+            out_ptr, base + d, d < row_len_r, rlv_const, rlv_inner, rlv_count, w_inner,
+            w_count, pw_inner, pw_count, scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE,
+            W_MODE, PW_MODE, G_X, G_Y, G_RLV, G_W, G_PW, ACC,
+        )
+    if not ELEMENTWISE_OUT:
+        tl.store(part_r_ptr + row * chunks_r + c, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr, part_k_ptr,
+              row, ck, row_len_k, chunks_k, tiles_k, pmu_const, plv_const, lv_inner, lv_count,
+              pmu_inner, pmu_count, plv_inner, plv_count, scale_k,
+              LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
+              G_MU: tl.constexpr, G_LV: tl.constexpr, G_PMU: tl.constexpr, G_PLV: tl.constexpr,
+              BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    acc = tl.zeros([BLOCK_K], ACC)
+    base = row * row_len_k
+    for t in range(0, tiles_k):
+        d = (ck * tiles_k + t) * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc += _kl_tile(
+            mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+            base + d, d < row_len_k, pmu_const, plv_const, lv_inner, lv_count, pmu_inner,
+            pmu_count, plv_inner, plv_count, scale_k, LV_MODE, PMU_MODE, PLV_MODE,
+            G_MU, G_LV, G_PMU, G_PLV, ACC,
+        )
+    tl.store(part_k_ptr + row * chunks_k + ck, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _finalize_kernel(
+    part_r_ptr, part_k_ptr, loss_ptr, nll_ptr, kl_ptr, rows, chunks_r, chunks_k,
+    scale_r, scale_k, beta,
+    PER_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program, fixed order: the loss is bitwise reproducible.
+    tot_r = tl.zeros([BLOCK_ROWS], ACC)
+    tot_k = tl.zeros([BLOCK_ROWS], ACC)
+    for r0 in range(0, rows, BLOCK_ROWS):
+        r = r0 + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        rmask = r < rows
+        s_r = tl.zeros([BLOCK_ROWS], ACC)
+        for c0 in range(0, chunks_r, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = rmask[:, None] & (c < chunks_r)[None, :]
+            s_r += tl.sum(tl.load(part_r_ptr + r[:, None] * chunks_r + c[None, :], mask=m, other=0.0), axis=1)
+        s_k = tl.zeros([BLOCK_ROWS], ACC)
+        for c0 in range(0, chunks_k, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = rmask[:, None] & (c < chunks_k)[None, :]
+            s_k += tl.sum(tl.load(part_k_ptr + r[:, None] * chunks_k + c[None, :], mask=m, other=0.0), axis=1)
+        if PER_ROW:
+            nll = s_r * scale_r
+            kl = s_k * scale_k
+            tl.store(nll_ptr + r, nll, mask=rmask)
+            tl.store(kl_ptr + r, kl, mask=rmask)
+            tl.store(loss_ptr + r, nll + beta * kl, mask=rmask)
+        else:
+            tot_r += s_r
+            tot_k += s_k
+    if not PER_ROW:
+        nll = tl.sum(tot_r, axis=0) * scale_r
+        kl = tl.sum(tot_k, axis=0) * scale_k
+        tl.store(nll_ptr, nll)
+        tl.store(kl_ptr, kl)
+        tl.store(loss_ptr, nll + beta * kl)
+
+
+@triton.jit
+def _coef(g_loss_ptr, g_term_ptr, idx, weight, HAS_LOSS: tl.constexpr, HAS_TERM: tl.constexpr,
+          ACC: tl.constexpr):
+    # d(output)/d(term) for one stream: weight * g_loss + g_term (absent ones count 0)
+    c = (idx * 0).to(ACC)
+    if HAS_LOSS:
+        c += tl.load(g_loss_ptr + idx).to(ACC) * weight
+    if HAS_TERM:
+        c += tl.load(g_term_ptr + idx).to(ACC)
+    return c
+
+
+@triton.jit
+def _scale_buf(ptr, off, mask, c):
+    v = tl.load(ptr + off, mask=mask, other=0.0)
+    tl.store(ptr + off, (v.to(c.dtype) * c).to(v.dtype), mask=mask)
+
+
+@triton.jit
+def _scale_grads_kernel(
+    r0_ptr, r1_ptr, r2_ptr, r3_ptr, r4_ptr, k0_ptr, k1_ptr, k2_ptr, k3_ptr,
+    g_loss_ptr, g_nll_ptr, g_kl_ptr, beta,
+    row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
+    N_R: tl.constexpr, N_K: tl.constexpr, HAS_LOSS: tl.constexpr, HAS_NLL: tl.constexpr,
+    HAS_KL: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    # grad *= coefficient, in place on the buffers the forward wrote. MODE: 0 one scalar
+    # coefficient, 1 one per row, 2 one per element (the drop-in BCE's "none"). A row whose
+    # coefficient is 1 returns before touching memory: the usual backward moves no bytes.
+    pid = tl.program_id(0).to(tl.int64)
+    chunks = chunks_r + chunks_k
+    row = pid // chunks
+    c = pid % chunks
+    if MODE == 1:
+        idx = row
+    else:
+        idx = row * 0
+    if c < chunks_r:
+        if MODE == 2:
+            for t in range(0, tiles_r):
+                d = (c * tiles_r + t) * BLOCK + tl.arange(0, BLOCK)
+                mask = d < row_len_r
+                off = row * row_len_r + d
+                ce = _coef(g_loss_ptr, g_nll_ptr, off, 1.0, HAS_LOSS, HAS_NLL, ACC)
+                _scale_bufs(r0_ptr, r1_ptr, r2_ptr, r3_ptr, r4_ptr, off, mask, ce, N_R)
+        else:
+            cr = _coef(g_loss_ptr, g_nll_ptr, idx, 1.0, HAS_LOSS, HAS_NLL, ACC)
+            if cr != 1.0:
+                for t in range(0, tiles_r):
+                    d = (c * tiles_r + t) * BLOCK + tl.arange(0, BLOCK)
+                    off = row * row_len_r + d
+                    _scale_bufs(r0_ptr, r1_ptr, r2_ptr, r3_ptr, r4_ptr, off, d < row_len_r, cr, N_R)
+    else:
+        ck = c - chunks_r
+        kc = _coef(g_loss_ptr, g_kl_ptr, idx, beta, HAS_LOSS, HAS_KL, ACC)
+        if kc != 1.0:
+            for t in range(0, tiles_k):
+                d = (ck * tiles_k + t) * BLOCK + tl.arange(0, BLOCK)
+                off = row * row_len_k + d
+                _scale_bufs(k0_ptr, k1_ptr, k2_ptr, k3_ptr, k3_ptr, off, d < row_len_k, kc, N_K)
+
+
+@triton.jit
+def _scale_bufs(p0, p1, p2, p3, p4, off, mask, c, N: tl.constexpr):
+    _scale_buf(p0, off, mask, c)
+    if N > 1:
+        _scale_buf(p1, off, mask, c)
+    if N > 2:
+        _scale_buf(p2, off, mask, c)
+    if N > 3:
+        _scale_buf(p3, off, mask, c)
+    if N > 4:
+        _scale_buf(p4, off, mask, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side launchers: the raw interface shared with vae_fast._cpu (see vae_fast.ops).
+
+_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+# programs per row under the interpreter (several, so multi-chunk paths are exercised on CPU)
+INTERPRET_PROGRAMS_PER_ROW = 3
+FINAL_BLOCK = 32
+NUM_WARPS = 4
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 0
+
+
+def _split(row_len: int, block: int, rows: int, device) -> tuple[int, int]:
+    """(chunks per row, tiles per chunk): about 8 programs per SM on a GPU, a few per row
+    under the interpreter."""
+    tiles = triton.cdiv(row_len, block)
+    if tiles == 0:
+        return 0, 0
+    target = _programs(device)
+    want = triton.cdiv(target, max(rows, 1)) if target else INTERPRET_PROGRAMS_PER_ROW
+    chunks = max(1, min(tiles, want))
+    per = triton.cdiv(tiles, chunks)
+    return triton.cdiv(tiles, per), per
+
+
+def _block(row_len: int, cap: int) -> int:
+    return min(cap, max(16, _next_pow2(row_len)))
+
+
+def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_len_k, modes,
+                  inners, counts, consts, kind, full, red_mode, scale_r, scale_k, beta,
+                  out_loss, out_nll, out_kl, grads):
+    acc = out_loss.dtype
+    device = out_loss.device
+    any_t = next(t for t in (x, mu) if t is not None)
+    dummy = lambda t: any_t if t is None else t  # noqa: E731  (never read: constexpr-pruned)
+    block_r = _block(row_len_r, 2048)
+    block_k = _block(row_len_k, 1024)
+    chunks_r, tiles_r = _split(row_len_r, block_r, rows, device) if kind else (0, 0)
+    chunks_k, tiles_k = _split(row_len_k, block_k, rows, device) if mu is not None else (0, 0)
+    elementwise = red_mode == ELEMENTWISE
+    part_r = torch.empty((rows, chunks_r), device=device, dtype=acc)
+    part_k = torch.empty((rows, chunks_k), device=device, dtype=acc)
+    n_prog = rows * (chunks_r + chunks_k)
+    g = [dummy(t) for t in grads]
+    if n_prog:
+        _fused_loss_fwd_kernel[(n_prog,)](
+            dummy(x), dummy(y), dummy(rlv), dummy(w), dummy(pw), *g[:5],
+            out_loss if elementwise else any_t,
+            dummy(mu), dummy(lv), dummy(pmu), dummy(plv), *g[5:],
+            part_r if chunks_r else any_t, part_k if chunks_k else any_t,
+            row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
+            inners[0], counts[0], inners[1], counts[1], inners[2], counts[2],
+            inners[3], counts[3], inners[4], counts[4], inners[5], counts[5],
+            consts[0], consts[1], consts[2], scale_r, scale_k,
+            KIND=kind, FULL=bool(full), ELEMENTWISE_OUT=elementwise,
+            RLV_MODE=modes[0], W_MODE=modes[1], PW_MODE=modes[2],
+            LV_MODE=modes[3], PMU_MODE=modes[4], PLV_MODE=modes[5],
+            G_X=grads[0] is not None, G_Y=grads[1] is not None, G_RLV=grads[2] is not None,
+            G_W=grads[3] is not None, G_PW=grads[4] is not None, G_MU=grads[5] is not None,
+            G_LV=grads[6] is not None, G_PMU=grads[7] is not None, G_PLV=grads[8] is not None,
+            HAS_KL=mu is not None, BLOCK_R=block_r, BLOCK_K=block_k, ACC=_ACC[acc],
+            num_warps=NUM_WARPS,
+        )
+    if not elementwise:
+        _finalize_kernel[(1,)](
+            part_r, part_k, out_loss, out_nll, out_kl, rows, chunks_r, chunks_k,
+            scale_r, scale_k, beta, PER_ROW=red_mode == ROWS, BLOCK_ROWS=FINAL_BLOCK,
+            BLOCK_C=FINAL_BLOCK, ACC=_ACC[acc], num_warps=NUM_WARPS,
+        )
+
+
+def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len_r, row_len_k):
+    if not bufs_r and not bufs_k:
+        return
+    anchor = (bufs_r or bufs_k)[0]
+    device = anchor.device
+    coefs = [g for g in (g_loss, g_nll, g_kl) if g is not None]
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in coefs) else torch.float32
+    block = _block(max(row_len_r if bufs_r else 0, row_len_k if bufs_k else 0), 2048)
+    chunks_r, tiles_r = _split(row_len_r, block, rows, device) if bufs_r else (0, 0)
+    chunks_k, tiles_k = _split(row_len_k, block, rows, device) if bufs_k else (0, 0)
+    n_prog = rows * (chunks_r + chunks_k)
+    if not n_prog:
+        return
+    pad = lambda bufs, n: list(bufs) + [anchor] * (n - len(bufs))  # noqa: E731
+    dummy = lambda t: anchor if t is None else t  # noqa: E731
+    _scale_grads_kernel[(n_prog,)](
+        *pad(bufs_r, 5), *pad(bufs_k, 4), dummy(g_loss), dummy(g_nll), dummy(g_kl), beta,
+        row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
+        N_R=len(bufs_r), N_K=len(bufs_k), HAS_LOSS=g_loss is not None,
+        HAS_NLL=g_nll is not None, HAS_KL=g_kl is not None, MODE=red_mode, BLOCK=block,
+        ACC=_ACC[acc], num_warps=NUM_WARPS,
+    )

@@ -46,9 +46,11 @@ def triton_runs_on(device: torch.device) -> bool:
         return True
     if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
         return False
+    from triton.runtime.interpreter import InterpretedFunction
+
     from . import triton_kernels
 
-    return not hasattr(triton_kernels._fused_loss_fwd_kernel, "cache")  # an interpreted function
+    return isinstance(triton_kernels._fused_loss_fwd_kernel, InterpretedFunction)
 
 
 def cpu_extension():

@@ -31,6 +31,8 @@ def compute(p: Problem):
     out = ops.fused_loss(*tensors, kind=p.kind, reduction=p.reduction, full=p.full,
                          rlv_const=_const(p.rlv), pmu_const=_const(p.pmu),
                          plv_const=_const(p.plv), beta=p.beta, needs=needs, backend=backend)
+    if not torch.compiler.is_compiling():  # compiled graphs scale with a fused multiply
+        ops.donate_grad_buffers(out)
     loss, nll, kl = out[:3]
     return ELBOTerms(loss, nll, kl) if p.return_terms else loss
 

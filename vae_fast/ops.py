@@ -12,7 +12,6 @@ Being a custom op with `register_fake` and `register_autograd` is what lets
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -107,7 +106,7 @@ def _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs):
     red, rows, *_ = _geometry(x, mu, reduction)
     if red == ELEMENTWISE:
         outs = [torch.empty(x.shape, dtype=acc, device=dev)]
-        outs += [torch.empty(0, dtype=acc, device=dev)] * 2
+        outs += [torch.empty(0, dtype=acc, device=dev) for _ in range(2)]  # never aliased
     else:
         shape = (rows,) if red == ROWS else ()
         outs = [torch.empty(shape, dtype=acc, device=dev) for _ in range(3)]
@@ -200,11 +199,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[17]
     ctx.needs = list(needs)
     ctx.shapes = [None if not isinstance(t, Tensor) else (tuple(t.shape), t.dtype) for t in inputs[:9]]
-    ctx.used = False
-    # A gradient buffer is scaled in place by the backward only while nobody else can see it:
-    # the public functions drop these outputs at once; a caller of the raw op that keeps them
-    # (opcheck does) gets out-of-place scaling instead, so the outputs it holds never change.
-    ctx.outputs = [weakref.ref(t) for t in output[3:]]
+    ctx.donated = False  # see donate_grad_buffers
+
+
+def donate_grad_buffers(outputs) -> None:
+    """Let the backward scale this call's gradient buffers in place (no copy, and no memory
+    traffic at all when the coefficient is 1). Only for callers that drop outputs[3:] at once,
+    as the public functions do: a caller of the raw op that keeps them (opcheck does) gets
+    out-of-place scaling, so the outputs it holds never change under it."""
+    node = outputs[0].grad_fn
+    if node is not None and hasattr(node, "donated"):
+        node.donated = True
 
 
 def _tracing(*tensors) -> bool:
@@ -219,27 +224,28 @@ def _tracing(*tensors) -> bool:
     return get_proxy_mode() is not None or any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
 
 
+def _graph_kept() -> bool:
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else keep()
+
+
 def _backward(ctx, g_loss, g_nll, g_kl, *unused):
     red, rows, row_len_r, row_len_k = ctx.geometry
-    if ctx.used:
-        raise RuntimeError(
-            "vae_fast: backward through the same fused loss twice is not supported (the first "
-            "backward scaled its gradient buffers in place); recompute the loss for a second "
-            "backward"
-        )
     bufs = ctx.saved_tensors
     beta = ctx.beta
     grads = [None] * 9
     inplace_r, inplace_k = [], []
-    tracing = _tracing(g_loss, g_nll, g_kl, *bufs)
+    # In place only when nobody else holds the buffers and the graph is freed after this
+    # backward (so no second backward can read them); otherwise out of place, and a second
+    # backward (retain_graph=True, gradcheck) sees intact buffers.
+    inplace = ctx.donated and not _graph_kept() and not _tracing(g_loss, g_nll, g_kl, *bufs)
     coef_r = coef_k = None
     for i, buf in enumerate(bufs):
         if not ctx.needs[i] or ctx.shapes[i] is None or not ctx.needs_input_grad[i]:
             continue
         shape, dtype = ctx.shapes[i]
         partner = ctx.shapes[0 if i < 5 else 5][0]
-        donated = ctx.outputs[i]() is None
-        if tuple(buf.shape) == tuple(partner) == shape and donated and not tracing:
+        if tuple(buf.shape) == tuple(partner) == shape and inplace:
             (inplace_r if i < 5 else inplace_k).append(buf)
             grads[i] = buf
             continue
@@ -254,9 +260,6 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
             coef = coef.reshape(buf.shape) if buf.dim() else coef.reshape(())
         grads[i] = _sum_to(buf * coef, shape).to(dtype)
     if inplace_r or inplace_k:
-        ctx.used = True
-        for b in inplace_r + inplace_k:
-            torch.autograd.graph.increment_version(b)
         _backend_module(ctx.backend).scale_(
             inplace_r, inplace_k,
             *(None if g is None else g.contiguous() for g in (g_loss, g_nll, g_kl)),

@@ -369,7 +369,15 @@ _ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # programs per row under the interpreter (several, so multi-chunk paths are exercised on CPU)
 INTERPRET_PROGRAMS_PER_ROW = 3
 FINAL_BLOCK = 32
-NUM_WARPS = 4
+
+
+def _warps(block: int, itemsize: int = 4) -> int:
+    # at least 16 bytes (one 128-bit load) per thread and tensor: small rows get fewer warps
+    return max(1, min(4, block * itemsize // (16 * 32)))
+
+
+def _itemsize(*tensors) -> int:
+    return min((t.element_size() for t in tensors if t is not None and t.dtype != torch.bool), default=4)
 
 
 def _next_pow2(n: int) -> int:
@@ -432,13 +440,13 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
             G_W=grads[3] is not None, G_PW=grads[4] is not None, G_MU=grads[5] is not None,
             G_LV=grads[6] is not None, G_PMU=grads[7] is not None, G_PLV=grads[8] is not None,
             HAS_KL=mu is not None, BLOCK_R=block_r, BLOCK_K=block_k, ACC=_ACC[acc],
-            num_warps=NUM_WARPS,
+            num_warps=_warps(max(block_r if chunks_r else 0, block_k if chunks_k else 0), _itemsize(x, mu)),
         )
     if not elementwise:
         _finalize_kernel[(1,)](
             part_r, part_k, out_loss, out_nll, out_kl, rows, chunks_r, chunks_k,
             scale_r, scale_k, beta, PER_ROW=red_mode == ROWS, BLOCK_ROWS=FINAL_BLOCK,
-            BLOCK_C=FINAL_BLOCK, ACC=_ACC[acc], num_warps=NUM_WARPS,
+            BLOCK_C=FINAL_BLOCK, ACC=_ACC[acc], num_warps=4,
         )
 
 
@@ -462,5 +470,5 @@ def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len
         row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
         N_R=len(bufs_r), N_K=len(bufs_k), HAS_LOSS=g_loss is not None,
         HAS_NLL=g_nll is not None, HAS_KL=g_kl is not None, MODE=red_mode, BLOCK=block,
-        ACC=_ACC[acc], num_warps=NUM_WARPS,
+        ACC=_ACC[acc], num_warps=_warps(block, _itemsize(*bufs_r, *bufs_k)),
     )

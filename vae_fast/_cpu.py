@@ -121,11 +121,21 @@ def _ensure() -> None:
         except BaseException as exc:  # a missing compiler raises all sorts of things
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            msg = str(exc).strip().splitlines()
             _reason = (
                 "the vae_fast C++ CPU extension could not be built or loaded: "
-                f"{type(exc).__name__}: {msg[-1] if msg else ''}"
+                f"{type(exc).__name__}: {_summarize(str(exc))}"
             )
+
+
+def _summarize(text: str) -> str:
+    """The line of a build log that says what went wrong (the compiler's first error)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if ("error" in low or "not found" in low or "no such file" in low) and \
+                not low.startswith(("error building extension", "ninja: build stopped")):
+            return ln[:400]
+    return lines[-1][:400] if lines else ""
 
 
 def available() -> bool:

@@ -97,6 +97,9 @@ def _geometry(x, mu, reduction):
         scale_r, scale_k = inv(n), inv(m)
     else:
         scale_r = scale_k = 1.0
+    # an absent term sums to 0 and must stay 0 (not 0 * inf) in loss = nll + beta * kl
+    scale_r = scale_r if x is not None else 1.0
+    scale_k = scale_k if mu is not None else 1.0
     return red, rows, row_len_r, row_len_k, scale_r, scale_k
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +47,12 @@ def _expm1(d):
     small = (u != 1.0) & (tl.abs(d) < 0.5)
     safe_log = tl.where(small, tl.log(u), 1.0)
     return tl.where(u == 1.0, d, tl.where(small, um1 * (d / safe_log), um1))
+
+
+@triton.jit
+def _f64ish(hi, lo, ACC: tl.constexpr):
+    # Triton passes Python floats as fp32: scalars travel as hi + lo (see _hilo), ~46 bits
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -167,7 +174,8 @@ def _fused_loss_fwd_kernel(
     row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
     rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
     lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
-    rlv_const, pmu_const, plv_const, scale_r, scale_k,
+    rlv_const, rlv_const_lo, pmu_const, pmu_const_lo, plv_const, plv_const_lo,
+    scale_r, scale_r_lo, scale_k, scale_k_lo,
     KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
     RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
     LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
@@ -181,6 +189,11 @@ def _fused_loss_fwd_kernel(
     chunks = chunks_r + chunks_k
     row = pid // chunks
     c = pid % chunks
+    rlv_const = _f64ish(rlv_const, rlv_const_lo, ACC)
+    pmu_const = _f64ish(pmu_const, pmu_const_lo, ACC)
+    plv_const = _f64ish(plv_const, plv_const_lo, ACC)
+    scale_r = _f64ish(scale_r, scale_r_lo, ACC)
+    scale_k = _f64ish(scale_k, scale_k_lo, ACC)
     if KIND == 0:
         _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
                   part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
@@ -250,10 +263,13 @@ def _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv
 @triton.jit
 def _finalize_kernel(
     part_r_ptr, part_k_ptr, loss_ptr, nll_ptr, kl_ptr, rows, chunks_r, chunks_k,
-    scale_r, scale_k, beta,
+    scale_r, scale_r_lo, scale_k, scale_k_lo, beta, beta_lo,
     PER_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program, fixed order: the loss is bitwise reproducible.
+    scale_r = _f64ish(scale_r, scale_r_lo, ACC)
+    scale_k = _f64ish(scale_k, scale_k_lo, ACC)
+    beta = _f64ish(beta, beta_lo, ACC)
     tot_r = tl.zeros([BLOCK_ROWS], ACC)
     tot_k = tl.zeros([BLOCK_ROWS], ACC)
     for r0 in range(0, rows, BLOCK_ROWS):
@@ -307,7 +323,7 @@ def _scale_buf(ptr, off, mask, c):
 @triton.jit
 def _scale_grads_kernel(
     r0_ptr, r1_ptr, r2_ptr, r3_ptr, r4_ptr, k0_ptr, k1_ptr, k2_ptr, k3_ptr,
-    g_loss_ptr, g_nll_ptr, g_kl_ptr, beta,
+    g_loss_ptr, g_nll_ptr, g_kl_ptr, beta, beta_lo,
     row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
     N_R: tl.constexpr, N_K: tl.constexpr, HAS_LOSS: tl.constexpr, HAS_NLL: tl.constexpr,
     HAS_KL: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
@@ -319,6 +335,7 @@ def _scale_grads_kernel(
     chunks = chunks_r + chunks_k
     row = pid // chunks
     c = pid % chunks
+    beta = _f64ish(beta, beta_lo, ACC)
     if MODE == 1:
         idx = row
     else:
@@ -369,6 +386,7 @@ _ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # programs per row under the interpreter (several, so multi-chunk paths are exercised on CPU)
 INTERPRET_PROGRAMS_PER_ROW = 3
 FINAL_BLOCK = 32
+LAST_NUM_WARPS = {}  # kernel name -> num_warps of its latest launch (the interpreter drops it; tests record it)
 
 
 def _warps(block: int, itemsize: int = 4) -> int:
@@ -403,6 +421,13 @@ def _split(row_len: int, block: int, rows: int, device) -> tuple[int, int]:
     return triton.cdiv(tiles, per), per
 
 
+def _hilo(v: float) -> tuple[float, float]:
+    """A double as two fp32-exact floats whose sum in float64 is v to ~46 bits."""
+    hi = float(np.float32(v))
+    lo = v - hi if math.isfinite(v) and math.isfinite(hi) else 0.0
+    return hi, lo
+
+
 def _block(row_len: int, cap: int) -> int:
     return min(cap, max(16, _next_pow2(row_len)))
 
@@ -424,6 +449,8 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
     n_prog = rows * (chunks_r + chunks_k)
     g = [dummy(t) for t in grads]
     if n_prog:
+        warps = _warps(max(block_r if chunks_r else 0, block_k if chunks_k else 0), _itemsize(x, mu))
+        LAST_NUM_WARPS["_fused_loss_fwd_kernel"] = warps
         _fused_loss_fwd_kernel[(n_prog,)](
             dummy(x), dummy(y), dummy(rlv), dummy(w), dummy(pw), *g[:5],
             out_loss if elementwise else any_t,
@@ -432,7 +459,7 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
             row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
             inners[0], counts[0], inners[1], counts[1], inners[2], counts[2],
             inners[3], counts[3], inners[4], counts[4], inners[5], counts[5],
-            consts[0], consts[1], consts[2], scale_r, scale_k,
+            *_hilo(consts[0]), *_hilo(consts[1]), *_hilo(consts[2]), *_hilo(scale_r), *_hilo(scale_k),
             KIND=kind, FULL=bool(full), ELEMENTWISE_OUT=elementwise,
             RLV_MODE=modes[0], W_MODE=modes[1], PW_MODE=modes[2],
             LV_MODE=modes[3], PMU_MODE=modes[4], PLV_MODE=modes[5],
@@ -440,12 +467,13 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
             G_W=grads[3] is not None, G_PW=grads[4] is not None, G_MU=grads[5] is not None,
             G_LV=grads[6] is not None, G_PMU=grads[7] is not None, G_PLV=grads[8] is not None,
             HAS_KL=mu is not None, BLOCK_R=block_r, BLOCK_K=block_k, ACC=_ACC[acc],
-            num_warps=_warps(max(block_r if chunks_r else 0, block_k if chunks_k else 0), _itemsize(x, mu)),
+            num_warps=warps,
         )
     if not elementwise:
+        LAST_NUM_WARPS["_finalize_kernel"] = 4
         _finalize_kernel[(1,)](
             part_r, part_k, out_loss, out_nll, out_kl, rows, chunks_r, chunks_k,
-            scale_r, scale_k, beta, PER_ROW=red_mode == ROWS, BLOCK_ROWS=FINAL_BLOCK,
+            *_hilo(scale_r), *_hilo(scale_k), *_hilo(beta), PER_ROW=red_mode == ROWS, BLOCK_ROWS=FINAL_BLOCK,
             BLOCK_C=FINAL_BLOCK, ACC=_ACC[acc], num_warps=4,
         )
 
@@ -465,10 +493,12 @@ def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len
         return
     pad = lambda bufs, n: list(bufs) + [anchor] * (n - len(bufs))  # noqa: E731
     dummy = lambda t: anchor if t is None else t  # noqa: E731
+    warps = _warps(block, _itemsize(*bufs_r, *bufs_k))
+    LAST_NUM_WARPS["_scale_grads_kernel"] = warps
     _scale_grads_kernel[(n_prog,)](
-        *pad(bufs_r, 5), *pad(bufs_k, 4), dummy(g_loss), dummy(g_nll), dummy(g_kl), beta,
+        *pad(bufs_r, 5), *pad(bufs_k, 4), dummy(g_loss), dummy(g_nll), dummy(g_kl), *_hilo(beta),
         row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
         N_R=len(bufs_r), N_K=len(bufs_k), HAS_LOSS=g_loss is not None,
         HAS_NLL=g_nll is not None, HAS_KL=g_kl is not None, MODE=red_mode, BLOCK=block,
-        ACC=_ACC[acc], num_warps=_warps(block, _itemsize(*bufs_r, *bufs_k)),
+        ACC=_ACC[acc], num_warps=warps,
     )

@@ -1,0 +1,99 @@
+"""Test set-up: Triton's interpreter on CPU tensors, the backend fixture, and the record of every
+Triton kernel specialization the run launches, compiled for sm_80 and sm_90 at the end."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vae_fast import _backend  # noqa: E402
+
+try:
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True)
+    settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover
+    pass
+
+FUSED_BACKENDS = ("triton", "cpu")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_backend(name: str) -> None:
+    """The cpu backend must build in CI (a missing compiler there is a failure, not a skip);
+    on a developer machine without one its tests are skipped with the reason."""
+    if name == "triton":
+        assert _backend.triton_runs_on(torch.device("cpu")), "TRITON_INTERPRET=1 did not take effect"
+    elif name == "cpu":
+        ext, why = _backend.cpu_extension()
+        if ext is None:
+            if IN_CI:
+                pytest.fail(f"the C++ CPU backend must build in CI: {why}")
+            pytest.skip(f"C++ CPU backend unavailable: {why}")
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request):
+    """Each fused backend in turn, forced (no silent fallback)."""
+    require_backend(request.param)
+    with _backend.use_backend(request.param):
+        yield request.param
+
+
+# --- launch counting and specialization recording, through Triton's own pre-run hooks -------
+
+LAUNCHES = {}
+SPECS = {}
+
+
+def _install_hooks():
+    from vae_fast import aot, triton_kernels as tk
+
+    for name in ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel"):
+        fn = getattr(tk, name)
+
+        def hook(*args, _name=name, _fn=fn, **kwargs):
+            LAUNCHES[_name] = LAUNCHES.get(_name, 0) + 1
+            kwargs = {k: v for k, v in kwargs.items() if k in _fn.arg_names}
+            spec = aot.spec_of(_name, _fn.arg_names, args, kwargs, tk.LAST_NUM_WARPS.get(_name, 4))
+            SPECS.setdefault(aot.spec_key(spec), spec)
+
+        fn.add_pre_run_hook(hook)
+
+
+_install_hooks()
+
+
+@pytest.fixture
+def launches():
+    """Counts of Triton kernel launches (by kernel name) made inside the test."""
+    LAUNCHES.clear()
+    return LAUNCHES
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every specialization this run launched must also compile for sm_80 and sm_90."""
+    if not SPECS or os.environ.get("VAE_FAST_SKIP_AOT") == "1":
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(list(SPECS.values()), f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "vae_fast.aot", "--quiet", "--specs", f.name],
+                          capture_output=True, text=True, env=env)
+    os.unlink(f.name)
+    summary = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-2000:]]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"AOT (launched specializations, sm_80 + sm_90): {summary[0]}"
+    if reporter:
+        reporter.write_line(line)
+    if proc.returncode != 0:
+        if reporter:
+            reporter.write_line(proc.stdout[-4000:] + proc.stderr[-4000:])
+        session.exitstatus = 1

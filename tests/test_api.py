@@ -148,6 +148,7 @@ def test_forced_triton_on_cpu_without_interpreter_raises():
     (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m, v, likelihood="poisson"), ValueError, "likelihood must be one of"),
     (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m, v, beta=-1), ValueError, "beta must be a non-negative"),
     (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m, v, beta="1"), TypeError, "beta must be a real Python number"),
+    (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m, v, beta=torch.ones(2)), TypeError, "beta must be a number or a 0-d floating tensor"),
     (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m, v, recon_logvar=v), ValueError, "recon_logvar is only used"),
     (lambda x, y, m, v: vae_fast.elbo_loss(x, y, m.to("meta"), v), ValueError, "all tensors must be on one device"),
 ])
@@ -164,3 +165,19 @@ def test_bool_targets(backend):
     torch.testing.assert_close(vae_fast.bernoulli_nll(x, y), R.bernoulli_nll(x, y.float()))
     torch.testing.assert_close(vae_fast.binary_cross_entropy_with_logits(x, y),
                                F.binary_cross_entropy_with_logits(x, y.float()))
+
+
+def test_tensor_beta_anneals_without_recompiling(backend):
+    compiles = []
+
+    def count(gm, example_inputs):
+        compiles.append(1)
+        return gm
+
+    x, y = torch.randn(4, 10, requires_grad=True), torch.rand(4, 10)
+    mu, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    step = torch.compile(lambda b: vae_fast.elbo_loss(x, y, mu, lv, beta=b), fullgraph=True, backend=count)
+    for beta in (0.0, 0.25, 0.5, 1.0):
+        got = step(torch.tensor(beta))
+        torch.testing.assert_close(got, R.elbo_loss(x, y, mu, lv, beta=beta))
+    assert len(compiles) == 1

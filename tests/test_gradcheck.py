@@ -82,3 +82,11 @@ def test_gradcheck_can_fail(backend, monkeypatch):
         assert not torch.autograd.gradcheck(lambda a: vae_fast.bernoulli_nll(a, y), (x,), raise_exception=False)
     finally:
         ops.fused_loss.register_autograd(real, setup_context=ops._setup_context)
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_gradcheck_tensor_beta(backend, reduction):
+    """A 0-d tensor beta (KL annealing under torch.compile) gets its gradient, the KL."""
+    args = (g(3, 6, scale=2), g(3, 6, low=0.1), g(3, 4), g(3, 4, scale=0.5), g((), low=0.2))
+    assert torch.autograd.gradcheck(
+        lambda *a: tuple(vae_fast.elbo_loss(*a[:4], beta=a[4], reduction=reduction, return_terms=True)), args)

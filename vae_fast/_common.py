@@ -41,12 +41,17 @@ def check_likelihood(likelihood) -> str:
     return likelihood
 
 
-def check_beta(beta) -> float:
+def check_beta(beta):
+    """A non-negative Python number, or a 0-d floating tensor (for KL annealing under
+    torch.compile: a changing Python float recompiles the graph, a tensor does not; its sign is
+    not checked, which would cost a host sync)."""
+    if isinstance(beta, torch.Tensor):
+        if not beta.is_floating_point() or beta.dim() != 0:
+            raise TypeError(f"beta must be a number or a 0-d floating tensor, got a tensor of dtype "
+                            f"{beta.dtype} and shape {tuple(beta.shape)}")
+        return beta
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(
-            f"beta must be a real Python number, got {type(beta).__name__}"
-            + (" (pass float(beta) for a tensor)" if isinstance(beta, torch.Tensor) else "")
-        )
+        raise TypeError(f"beta must be a real Python number or a 0-d tensor, got {type(beta).__name__}")
     beta = float(beta)
     if not beta >= 0.0:  # also rejects nan
         raise ValueError(f"beta must be a non-negative number, got {beta}")
@@ -159,7 +164,7 @@ class Problem(NamedTuple):
     lv: ParamLike
     pmu: ParamLike
     plv: ParamLike
-    beta: float
+    beta: Union[float, torch.Tensor]
     reduction: str
     return_terms: bool = False
 
@@ -169,7 +174,8 @@ _NO_RECON = dict(x=None, y=None, rlv=None, w=None, pw=None, full=False)
 
 
 def _finish(p: Problem) -> Problem:
-    check_devices(x=p.x, y=p.y, rlv=p.rlv, w=p.w, pw=p.pw, mu=p.mu, lv=p.lv, pmu=p.pmu, plv=p.plv)
+    check_devices(x=p.x, y=p.y, rlv=p.rlv, w=p.w, pw=p.pw, mu=p.mu, lv=p.lv, pmu=p.pmu, plv=p.plv,
+                  beta=p.beta)
     return p
 
 

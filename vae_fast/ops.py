@@ -144,11 +144,12 @@ def _backend_module(backend: str):
 def fused_loss(
     x: Optional[Tensor], y: Optional[Tensor], rlv: Optional[Tensor], w: Optional[Tensor],
     pw: Optional[Tensor], mu: Optional[Tensor], lv: Optional[Tensor], pmu: Optional[Tensor],
-    plv: Optional[Tensor], kind: str, reduction: str, full: bool, rlv_const: float,
+    plv: Optional[Tensor], beta_t: Optional[Tensor], kind: str, reduction: str, full: bool, rlv_const: float,
     pmu_const: float, plv_const: float, beta: float, needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, nll, kl, grad_x, grad_y, grad_rlv, grad_w, grad_pw, grad_mu, grad_lv, grad_pmu,
-    grad_plv); gradients not asked for in `needs` are empty."""
+    grad_plv); gradients not asked for in `needs` are empty. `beta_t`, a 0-d tensor, replaces
+    the float `beta` when given."""
     outs = _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs)
     red, rows, row_len_r, row_len_k, scale_r, scale_k = _geometry(x, mu, reduction)
     inputs = (x, y, rlv, w, pw, mu, lv, pmu, plv)
@@ -175,8 +176,9 @@ def fused_loss(
     _backend_module(backend).fused_forward(
         *lowered, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k, modes=modes,
         inners=inners, counts=counts, consts=[rlv_const, pmu_const, plv_const],
-        kind=KINDS[kind], full=full, red_mode=red, scale_r=scale_r, scale_k=scale_k, beta=beta,
+        kind=KINDS[kind], full=full, red_mode=red, scale_r=scale_r, scale_k=scale_k,
         out_loss=outs[0], out_nll=outs[1], out_kl=outs[2], grads=kernel_grads,
+        **_beta_args(backend, beta, beta_t),
     )
     for i, (g, kg) in enumerate(zip(outs[3:], kernel_grads)):
         if kg is not None and kg is not g:
@@ -184,22 +186,32 @@ def fused_loss(
     return tuple(outs)
 
 
+def _beta_args(backend: str, beta: float, beta_t: Optional[Tensor]) -> dict:
+    """Triton reads a tensor beta on the device (no sync); the C++ backend takes a double, and
+    reading a CPU scalar costs nothing."""
+    if beta_t is None:
+        return {"beta": beta}
+    if backend == "triton":
+        return {"beta": 1.0, "beta_t": beta_t}
+    return {"beta": float(beta_t)}
+
+
 @fused_loss.register_fake
-def _(x, y, rlv, w, pw, mu, lv, pmu, plv, kind, reduction, full, rlv_const, pmu_const,
+def _(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t, kind, reduction, full, rlv_const, pmu_const,
       plv_const, beta, needs, backend):
     return tuple(_allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, rlv, w, pw, mu, lv, pmu, plv = inputs[:9]
-    reduction, beta, needs = inputs[10], inputs[15], inputs[16]
+    x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t = inputs[:10]
+    reduction, beta, needs = inputs[11], inputs[16], inputs[17]
     red, rows, row_len_r, row_len_k, _, _ = _geometry(x, mu, reduction)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[3:])
-    ctx.save_for_backward(*output[3:])
+    ctx.save_for_backward(*output[3:], beta_t, output[2] if beta_t is not None and beta_t.requires_grad else None)
     ctx.geometry = (red, rows, row_len_r, row_len_k)
     ctx.beta = beta
-    ctx.backend = inputs[17]
+    ctx.backend = inputs[18]
     ctx.needs = list(needs)
     ctx.shapes = [None if not isinstance(t, Tensor) else (tuple(t.shape), t.dtype) for t in inputs[:9]]
     ctx.donated = False  # see donate_grad_buffers
@@ -234,8 +246,8 @@ def _graph_kept() -> bool:
 
 def _backward(ctx, g_loss, g_nll, g_kl, *unused):
     red, rows, row_len_r, row_len_k = ctx.geometry
-    bufs = ctx.saved_tensors
-    beta = ctx.beta
+    *bufs, beta_t, kl = ctx.saved_tensors
+    beta = ctx.beta if beta_t is None else beta_t
     grads = [None] * 9
     inplace_r, inplace_k = [], []
     # In place only when nobody else holds the buffers and the graph is freed after this
@@ -266,15 +278,19 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
         _backend_module(ctx.backend).scale_(
             inplace_r, inplace_k,
             *(None if g is None else g.contiguous() for g in (g_loss, g_nll, g_kl)),
-            beta=beta, red_mode=red, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k,
+            red_mode=red, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k,
+            **_beta_args(ctx.backend, ctx.beta, beta_t),
         )
-    return (*grads,) + (None,) * 9
+    g_beta = None
+    if kl is not None and g_loss is not None and ctx.needs_input_grad[9]:
+        g_beta = (g_loss * kl).sum().to(beta_t.dtype)  # d(nll + beta*kl)/d(beta) = kl
+    return (*grads, g_beta) + (None,) * 9
 
 
 def _combine(g_loss, g_term, weight: float, like: Tensor):
     if g_loss is None:
         return g_term if g_term is not None else like.new_zeros(())
-    c = g_loss * weight if weight != 1.0 else g_loss
+    c = g_loss * weight if isinstance(weight, Tensor) or weight != 1.0 else g_loss
     return c if g_term is None else c + g_term
 
 

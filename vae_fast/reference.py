@@ -81,7 +81,7 @@ def compute(p: Problem):
         return nll
     if nll is None:
         return kl
-    loss = nll + p.beta * kl
+    loss = nll + (p.beta.to(dt) if isinstance(p.beta, torch.Tensor) else p.beta) * kl
     return ELBOTerms(loss, nll, kl) if p.return_terms else loss
 
 

@@ -56,6 +56,16 @@ def _f64ish(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def _beta(beta, beta_lo, beta_ptr, HAS_BETA_T: tl.constexpr, ACC: tl.constexpr):
+    # a tensor beta is read on the device: annealing it changes no compiled graph, syncs nothing
+    if HAS_BETA_T:
+        b = tl.load(beta_ptr).to(ACC)
+    else:
+        b = _f64ish(beta, beta_lo, ACC)
+    return b
+
+
+@triton.jit
 def _load_param(ptr, off, mask, const, inner, count, MODE: tl.constexpr, ACC: tl.constexpr):
     if MODE == 1:
         v = tl.load(ptr + off, mask=mask, other=0.0).to(ACC)
@@ -263,13 +273,14 @@ def _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv
 @triton.jit
 def _finalize_kernel(
     part_r_ptr, part_k_ptr, loss_ptr, nll_ptr, kl_ptr, rows, chunks_r, chunks_k,
-    scale_r, scale_r_lo, scale_k, scale_k_lo, beta, beta_lo,
-    PER_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    scale_r, scale_r_lo, scale_k, scale_k_lo, beta, beta_lo, beta_ptr,
+    PER_ROW: tl.constexpr, HAS_BETA_T: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program, fixed order: the loss is bitwise reproducible.
     scale_r = _f64ish(scale_r, scale_r_lo, ACC)
     scale_k = _f64ish(scale_k, scale_k_lo, ACC)
-    beta = _f64ish(beta, beta_lo, ACC)
+    beta = _beta(beta, beta_lo, beta_ptr, HAS_BETA_T, ACC)
     tot_r = tl.zeros([BLOCK_ROWS], ACC)
     tot_k = tl.zeros([BLOCK_ROWS], ACC)
     for r0 in range(0, rows, BLOCK_ROWS):
@@ -323,10 +334,11 @@ def _scale_buf(ptr, off, mask, c):
 @triton.jit
 def _scale_grads_kernel(
     r0_ptr, r1_ptr, r2_ptr, r3_ptr, r4_ptr, k0_ptr, k1_ptr, k2_ptr, k3_ptr,
-    g_loss_ptr, g_nll_ptr, g_kl_ptr, beta, beta_lo,
+    g_loss_ptr, g_nll_ptr, g_kl_ptr, beta, beta_lo, beta_ptr,
     row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
     N_R: tl.constexpr, N_K: tl.constexpr, HAS_LOSS: tl.constexpr, HAS_NLL: tl.constexpr,
-    HAS_KL: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    HAS_KL: tl.constexpr, HAS_BETA_T: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # grad *= coefficient, in place on the buffers the forward wrote. MODE: 0 one scalar
     # coefficient, 1 one per row, 2 one per element (the drop-in BCE's "none"). A row whose
@@ -335,7 +347,7 @@ def _scale_grads_kernel(
     chunks = chunks_r + chunks_k
     row = pid // chunks
     c = pid % chunks
-    beta = _f64ish(beta, beta_lo, ACC)
+    beta = _beta(beta, beta_lo, beta_ptr, HAS_BETA_T, ACC)
     if MODE == 1:
         idx = row
     else:
@@ -434,7 +446,7 @@ def _block(row_len: int, cap: int) -> int:
 
 def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_len_k, modes,
                   inners, counts, consts, kind, full, red_mode, scale_r, scale_k, beta,
-                  out_loss, out_nll, out_kl, grads):
+                  out_loss, out_nll, out_kl, grads, beta_t=None):
     acc = out_loss.dtype
     device = out_loss.device
     any_t = next(t for t in (x, mu) if t is not None)
@@ -473,12 +485,14 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
         LAST_NUM_WARPS["_finalize_kernel"] = 4
         _finalize_kernel[(1,)](
             part_r, part_k, out_loss, out_nll, out_kl, rows, chunks_r, chunks_k,
-            *_hilo(scale_r), *_hilo(scale_k), *_hilo(beta), PER_ROW=red_mode == ROWS, BLOCK_ROWS=FINAL_BLOCK,
+            *_hilo(scale_r), *_hilo(scale_k), *_hilo(beta), out_loss if beta_t is None else beta_t,
+            PER_ROW=red_mode == ROWS, HAS_BETA_T=beta_t is not None, BLOCK_ROWS=FINAL_BLOCK,
             BLOCK_C=FINAL_BLOCK, ACC=_ACC[acc], num_warps=4,
         )
 
 
-def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len_r, row_len_k):
+def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len_r, row_len_k,
+           beta_t=None):
     if not bufs_r and not bufs_k:
         return
     anchor = (bufs_r or bufs_k)[0]
@@ -497,8 +511,10 @@ def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len
     LAST_NUM_WARPS["_scale_grads_kernel"] = warps
     _scale_grads_kernel[(n_prog,)](
         *pad(bufs_r, 5), *pad(bufs_k, 4), dummy(g_loss), dummy(g_nll), dummy(g_kl), *_hilo(beta),
+        dummy(beta_t),
         row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
         N_R=len(bufs_r), N_K=len(bufs_k), HAS_LOSS=g_loss is not None,
-        HAS_NLL=g_nll is not None, HAS_KL=g_kl is not None, MODE=red_mode, BLOCK=block,
+        HAS_NLL=g_nll is not None, HAS_KL=g_kl is not None, HAS_BETA_T=beta_t is not None,
+        MODE=red_mode, BLOCK=block,
         ACC=_ACC[acc], num_warps=warps,
     )

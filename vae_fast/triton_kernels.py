@@ -204,24 +204,13 @@ def _fused_loss_fwd_kernel(
     plv_const = _f64ish(plv_const, plv_const_lo, ACC)
     scale_r = _f64ish(scale_r, scale_r_lo, ACC)
     scale_k = _f64ish(scale_k, scale_k_lo, ACC)
-    if KIND == 0:
-        _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
-                  part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
-                  plv_const, lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
-                  scale_k, LV_MODE, PMU_MODE, PLV_MODE, G_MU, G_LV, G_PMU, G_PLV, BLOCK_K, ACC)
-    elif not HAS_KL:
+    if KIND != 0 and c < chunks_r:  # without a KL term chunks_k is 0 and this always holds
         _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr,
                      gpw_ptr, out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r,
                      rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
                      scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE, G_X, G_Y,
                      G_RLV, G_W, G_PW, BLOCK_R, ACC)
-    elif c < chunks_r:
-        _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr,
-                     gpw_ptr, out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r,
-                     rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
-                     scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE, G_X, G_Y,
-                     G_RLV, G_W, G_PW, BLOCK_R, ACC)
-    else:
+    elif HAS_KL:
         _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
                   part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
                   plv_const, lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,

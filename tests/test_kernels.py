@@ -196,3 +196,21 @@ def test_no_grad_computes_no_gradients(backend, launches):
         loss = vae_fast.elbo_loss(x, y, mu, lv)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, R.elbo_loss(x, y, mu, lv).detach())
+
+
+def test_channels_last_is_read_in_place(launches, monkeypatch):
+    """A conv decoder's channels_last output is walked in memory order: no copy to contiguous
+    (no aten compute at all), gradients come back channels_last, numbers as the reference."""
+    g = torch.Generator().manual_seed(0)
+    cl = dict(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 5, 6, generator=g).contiguous(**cl).requires_grad_()
+    y = torch.rand(3, 4, 5, 6, generator=g).contiguous(**cl)
+    mu, lv = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    with vae_fast.use_backend("triton"):
+        ops = aten_compute_ops(lambda: launches.setdefault("loss", vae_fast.elbo_loss(x, y, mu, lv, reduction="none")), monkeypatch)
+        loss = launches.pop("loss")
+        assert ops == [] and launches == {"_fused_loss_fwd_kernel": 1, "_finalize_kernel": 1}
+        loss.backward(torch.rand(3))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()
+    want = R.elbo_loss(x, y, mu, lv, reduction="none")
+    torch.testing.assert_close(loss, want)

@@ -103,12 +103,52 @@ def _geometry(x, mu, reduction):
     return red, rows, row_len_r, row_len_k, scale_r, scale_k
 
 
+def memory_order(main: Optional[Tensor], *others) -> bool:
+    """Can a stream be walked in memory order instead of being copied to contiguous? Yes when
+    its main tensor is dense and batch-major but permuted (channels_last), every other
+    full-shape tensor of the stream has the same strides, and no parameter needs the logical
+    index (a periodic broadcast other than a scalar). Its gradients then keep that layout."""
+    if main is None or main.dim() < 2 or main.is_contiguous() or not _dense(main):
+        return False
+    if main.shape[0] > 1 and main.stride(0) != main.numel() // main.shape[0]:
+        return False  # the batch must be outermost: rows are memory blocks
+    for t in others:
+        if t is None:
+            continue
+        if tuple(t.shape) == tuple(main.shape):
+            if t.stride() != main.stride():
+                return False
+        elif param_geometry(t, main.shape)[2] != 1:
+            return False
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one block of memory in some dim order."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view (no copy)."""
+    return t if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
+
+
+def _like(t: Tensor, dtype, keep_layout: bool) -> Tensor:
+    return torch.empty_like(t, dtype=dtype) if keep_layout else torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
 def _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs):
     acc = C.acc_dtype(x, y, rlv, w, pw, mu, lv, pmu, plv)
     dev = (x if x is not None else mu).device
     red, rows, *_ = _geometry(x, mu, reduction)
+    mem = (memory_order(x, y, rlv, w, pw), memory_order(mu, lv, pmu, plv))
     if red == ELEMENTWISE:
-        outs = [torch.empty(x.shape, dtype=acc, device=dev)]
+        outs = [_like(x, acc, mem[0])]
         outs += [torch.empty(0, dtype=acc, device=dev) for _ in range(2)]  # never aliased
     else:
         shape = (rows,) if red == ROWS else ()
@@ -124,7 +164,10 @@ def _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs):
             dt = t.dtype if shape == tuple(partner.shape) == tuple(t.shape) else acc
         else:
             shape, dt = tuple(t.shape), t.dtype
-        outs.append(torch.empty(shape, dtype=dt, device=dev))
+        if shape == tuple(t.shape) == tuple(partner.shape):
+            outs.append(_like(t, dt, mem[i >= 5]))
+        else:
+            outs.append(torch.empty(shape, dtype=dt, device=dev))
     return outs
 
 
@@ -153,17 +196,21 @@ def fused_loss(
     outs = _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs)
     red, rows, row_len_r, row_len_k, scale_r, scale_k = _geometry(x, mu, reduction)
     inputs = (x, y, rlv, w, pw, mu, lv, pmu, plv)
+    mem = (memory_order(x, y, rlv, w, pw), memory_order(mu, lv, pmu, plv))
     lowered, modes, inners, counts = [], [], [], []
     for i, t in enumerate(inputs):
         partner = x if i < 5 else mu
         if i in _PARAM_SLOTS:
-            t, mode, inner, count = _lower_param(t, partner.shape) if partner is not None else (None, CONST, 1, 1)
+            if mem[i >= 5] and t is not None and tuple(t.shape) == tuple(partner.shape):
+                t, mode, inner, count = _flat(t), FULL, 1, 1
+            else:
+                t, mode, inner, count = _lower_param(t, partner.shape) if partner is not None else (None, CONST, 1, 1)
             modes.append(mode), inners.append(inner), counts.append(count)
         elif t is not None:
-            t = t.contiguous()
+            t = _flat(t) if mem[i >= 5] else t.contiguous()
         lowered.append(t)
-    # gradient buffers as the kernels see them: full-size, contiguous; broadcast parameters get
-    # a full-size temporary that is summed down below
+    # gradient buffers as the kernels see them: full-size, flat; broadcast parameters get a
+    # full-size temporary (in the stream's layout) that is summed down below
     kernel_grads = []
     for i, g in enumerate(outs[3:]):
         partner = x if i < 5 else mu
@@ -172,12 +219,13 @@ def fused_loss(
         elif tuple(g.shape) == tuple(partner.shape):
             kernel_grads.append(g)
         else:
-            kernel_grads.append(torch.empty(partner.shape, dtype=g.dtype, device=g.device))
+            kernel_grads.append(_like(partner, g.dtype, mem[i >= 5]))
+    flat_grads = [None if g is None else _flat(g) for g in kernel_grads]
     _backend_module(backend).fused_forward(
         *lowered, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k, modes=modes,
         inners=inners, counts=counts, consts=[rlv_const, pmu_const, plv_const],
         kind=KINDS[kind], full=full, red_mode=red, scale_r=scale_r, scale_k=scale_k,
-        out_loss=outs[0], out_nll=outs[1], out_kl=outs[2], grads=kernel_grads,
+        out_loss=_flat(outs[0]), out_nll=outs[1], out_kl=outs[2], grads=flat_grads,
         **_beta_args(backend, beta, beta_t),
     )
     for i, (g, kg) in enumerate(zip(outs[3:], kernel_grads)):
@@ -261,7 +309,7 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
         shape, dtype = ctx.shapes[i]
         partner = ctx.shapes[0 if i < 5 else 5][0]
         if tuple(buf.shape) == tuple(partner) == shape and inplace:
-            (inplace_r if i < 5 else inplace_k).append(buf)
+            (inplace_r if i < 5 else inplace_k).append(_flat(buf))
             grads[i] = buf
             continue
         # plain torch: the compiled path, and broadcast parameters' small summed buffers

@@ -54,14 +54,24 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def cpu_extension():
-    """The C++ extension module, or None with the reason."""
+    """The C++ extension module, or None with the reason (builds it on first use)."""
+    why = _cpu_unavailable()
+    if why:
+        return None, why
+    from . import _cpu
+
+    return _cpu, ""
+
+
+@torch.compiler.assume_constant_result
+def _cpu_unavailable() -> str:
+    """"" when the C++ extension loads, else why not. torch.compile calls this eagerly while it
+    traces (the first vae_fast call may be inside a compiled step) and keeps the answer."""
     try:
         from . import _cpu
     except ImportError as e:  # pragma: no cover - the module ships with the package
-        return None, f"vae_fast._cpu could not be imported: {e}"
-    if _cpu.available():
-        return _cpu, ""
-    return None, _cpu.unavailable_reason()
+        return f"vae_fast._cpu could not be imported: {e}"
+    return "" if _cpu.available() else _cpu.unavailable_reason()
 
 
 def resolve(device: torch.device) -> str:
@@ -78,16 +88,16 @@ def resolve(device: torch.device) -> str:
     if name == "cpu":
         if device.type != "cpu":
             raise NotImplementedError(f"vae_fast: the cpu backend cannot run on {device}")
-        ext, why = cpu_extension()
-        if ext is None:
+        why = _cpu_unavailable()
+        if why:
             raise NotImplementedError(f"vae_fast: the cpu backend is unavailable: {why}")
         return name
     # auto
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu":
-        ext, why = cpu_extension()
-        if ext is not None:
+        why = _cpu_unavailable()
+        if not why:
             return "cpu"
         if not _warned:
             _warned = True

@@ -296,6 +296,10 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
     red, rows, row_len_r, row_len_k = ctx.geometry
     *bufs, beta_t, kl = ctx.saved_tensors
     beta = ctx.beta if beta_t is None else beta_t
+    if red == ELEMENTWISE:  # nll and kl are empty placeholders there: only the loss carries grads
+        g_nll = g_kl = None
+        if g_loss is None:
+            return (None,) * 19
     grads = [None] * 9
     inplace_r, inplace_k = [], []
     # In place only when nobody else holds the buffers and the graph is freed after this

@@ -1,0 +1,125 @@
+"""The example training scripts (examples/): swapping the plain PyTorch loss for
+`vae_fast.elbo_loss` leaves the training run unchanged, and each script's command line runs.
+
+Same seed -> same data order, initialisation and reparameterisation noise for both losses, so
+the per-step loss curves, the per-epoch ELBO terms and the trained weights must agree to float
+rounding (the fused kernels sum in a different order than torch, nothing else differs).
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_fast import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import conv_gaussian_vae  # noqa: E402
+import mnist_mlp_vae  # noqa: E402
+
+HAS_TRITON = _backend.triton_runs_on(torch.device("cpu"))
+
+# tiny runs, small enough for the Triton interpreter: 2 epochs of 6 (MLP) or 4 (conv) steps
+MLP_RUN = dict(epochs=2, limit=120, batch_size=16)
+CONV_RUN = dict(epochs=2, limit=40, batch_size=8, patch=16)
+CASES = [
+    pytest.param(mnist_mlp_vae, dict(MLP_RUN), id="mlp-bernoulli-logits"),
+    pytest.param(mnist_mlp_vae, dict(MLP_RUN, decoder="probs"), id="mlp-bernoulli-probs"),
+    pytest.param(conv_gaussian_vae, dict(CONV_RUN), id="conv-gaussian-channel-logvar"),
+    pytest.param(conv_gaussian_vae, dict(CONV_RUN, logvar="pixel", channels=1), id="conv-gaussian-pixel-logvar"),
+]
+
+
+def _run(module, loss, backend=None, **kw):
+    """module.train(...) quietly; backend None = whatever use_backend / the environment says."""
+    with warnings.catch_warnings():  # auto without the C++ extension warns that it uses the reference
+        warnings.filterwarnings("ignore", message="vae_fast: the C\\+\\+ CPU extension is unavailable")
+        return module.train(loss=loss, backend=backend, progress=False, log=lambda s: None, seed=0, **kw)
+
+
+@pytest.mark.parametrize("module, kw", CASES)
+def test_same_loss_curve_as_reference(module, kw, backend):
+    """`backend` (tests/conftest.py) forces each fused backend in turn: triton, cpu."""
+    ref_model, ref = _run(module, "reference", **kw)
+    fast_model, fast = _run(module, "vae_fast", **kw)
+
+    assert len(ref.step_loss) == len(fast.step_loss) > 5
+    torch.testing.assert_close(torch.tensor(fast.step_loss), torch.tensor(ref.step_loss),
+                               rtol=1e-5, atol=1e-4)
+    for r, f in zip(ref.epochs, fast.epochs):  # the terms that return_terms=True reports
+        for key in ("loss", "recon", "kl", "test_loss"):
+            assert f[key] == pytest.approx(r[key], rel=1e-5, abs=1e-4), (key, r, f)
+    # the curve moves (a constant curve would make the comparison vacuous)
+    assert max(ref.step_loss) - min(ref.step_loss) > 0.01 * abs(ref.step_loss[0])
+    ref_params, fast_params = dict(ref_model.named_parameters()), dict(fast_model.named_parameters())
+    assert ref_params.keys() == fast_params.keys()
+    for name, p in ref_params.items():
+        # Adam moves every weight by about lr = 1e-3 per step whatever the size of its gradient,
+        # so a weight whose gradient is ~0 can drift by rounding-level differences times lr:
+        # atol is a tenth of one step.
+        torch.testing.assert_close(fast_params[name], p, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_learned_channel_logvar_is_trained():
+    """The (C, 1, 1) decoder log-variance gets its gradient through the broadcast and moves."""
+    model, _ = _run(conv_gaussian_vae, "vae_fast", "auto", **CONV_RUN)
+    start = conv_gaussian_vae.ConvVAE(3, 16, 32)
+    start.init_logvar(conv_gaussian_vae.loop.split(conv_gaussian_vae.load_patches(16), limit=40, seed=0)[0])
+    assert model.recon_logvar.shape == (3, 1, 1)
+    assert not torch.allclose(model.recon_logvar, start.recon_logvar)
+
+
+def test_data_is_bundled():
+    digits = mnist_mlp_vae.load_digits()
+    assert digits.shape == (1797, 64) and digits.dtype == torch.float32
+    assert digits.min() == 0 and digits.max() == 1
+    patches = conv_gaussian_vae.load_patches(32)
+    assert patches.shape[1:] == (3, 32, 32) and len(patches) > 2000
+    assert 0 <= patches.min() and patches.max() <= 1
+    assert conv_gaussian_vae.load_patches(16, channels=1).shape[1:] == (1, 16, 16)
+
+
+SCRIPTS = [
+    pytest.param("mnist_mlp_vae.py", ["--limit", "96", "--batch-size", "16"], {}, id="mlp-auto"),
+    pytest.param("conv_gaussian_vae.py", ["--limit", "40", "--batch-size", "8", "--patch", "16"],
+                 {"VAE_FAST_BACKEND": "triton", "TRITON_INTERPRET": "1"}, id="conv-triton",
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="needs the Triton interpreter")),
+]
+
+
+@pytest.mark.parametrize("script, args, env", SCRIPTS)
+def test_cli_one_epoch(tmp_path, script, args, env):
+    """`python examples/<script> --epochs 1 --limit N --save DIR` end to end, in a subprocess."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(EXAMPLES / script), "--loss", "vae_fast", "--epochs", "1",
+           "--save", str(out), *args]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                **env}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=full_env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "epoch   1/1" in proc.stdout and "recon" in proc.stdout and "kl" in proc.stdout, proc.stdout
+    backend = env.get("VAE_FAST_BACKEND", "auto")
+    assert f"backend={backend}" in proc.stdout
+    for name in ("reconstructions.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 1000
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist["epochs"]) == 1 and hist["step_loss"]
+    assert all(isinstance(v, float) for v in hist["step_loss"])
+
+
+def test_cli_help_lists_the_options():
+    for module in (mnist_mlp_vae, conv_gaussian_vae):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        args = module.parse_args(["--loss", "reference", "--compile", "--amp", "--epochs", "2",
+                                  "--device", "cpu", "--seed", "3", "--save", "x", "--limit", "10"])
+        assert (args.loss, args.compile, args.amp, args.epochs, args.seed, args.limit) == (
+            "reference", True, True, 2, 3, 10)

@@ -18,10 +18,12 @@ import torch  # noqa: E402
 from vae_fast import _backend  # noqa: E402
 
 try:
-    from hypothesis import settings
+    from hypothesis import HealthCheck, settings
 
-    settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True)
-    settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+    _common = dict(deadline=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", derandomize=True, database=None, max_examples=40, **_common)
+    settings.register_profile("long", max_examples=1000, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
     pass

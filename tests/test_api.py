@@ -109,7 +109,7 @@ def test_backend_selection_context_and_env(monkeypatch):
     monkeypatch.setenv("VAE_FAST_BACKEND", "reference")
     assert _backend.current() == "reference"
     monkeypatch.setenv("VAE_FAST_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"\$VAE_FAST_BACKEND \(the vae_fast backend\) must be one of"):
         _backend.current()
     with pytest.raises(ValueError, match="backend must be one of"):
         with vae_fast.use_backend("fast"):

@@ -18,9 +18,9 @@ _stack: list = []  # use_backend's nesting (a plain list: torch.compile traces r
 _warned = False
 
 
-def _check(name) -> str:
+def _check(name, source: str = "vae_fast backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"vae_fast backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -28,7 +28,7 @@ def current() -> str:
     """The backend asked for: the innermost `use_backend`, else $VAE_FAST_BACKEND, else auto."""
     if _stack:
         return _stack[-1]
-    return _check(os.environ.get(ENV, "auto") or "auto")
+    return _check(os.environ.get(ENV, "auto") or "auto", f"${ENV} (the vae_fast backend)")
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def check_beta(beta):
         return beta
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a real Python number or a 0-d tensor, got {type(beta).__name__}")
-    beta = float(beta)
+    beta = _float("beta", beta)
     if not beta >= 0.0:  # also rejects nan
         raise ValueError(f"beta must be a non-negative number, got {beta}")
     return beta
@@ -105,7 +105,14 @@ def check_param(name: str, p: ParamLike, partner_name: str, partner: torch.Tenso
         return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a tensor or a real number, got {type(p).__name__}")
-    return float(p)
+    return _float(name, p)
+
+
+def _float(name: str, v) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float: {v}") from None
 
 
 def check_batch(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
@@ -136,7 +143,7 @@ def acc_dtype(*tensors) -> torch.dtype:
 def reduce_terms(per_elem: torch.Tensor, reduction: str) -> torch.Tensor:
     """`"none"` = one value per sample (sum over every dimension but the first)."""
     if reduction == "none":
-        return per_elem.reshape(per_elem.shape[0], -1).sum(1)
+        return per_elem.flatten(1).sum(1) if per_elem.dim() > 1 else per_elem
     total = per_elem.sum()
     if reduction == "sum":
         return total
@@ -173,9 +180,10 @@ _NO_KL = dict(mu=None, lv=None, pmu=None, plv=None, beta=1.0)
 _NO_RECON = dict(x=None, y=None, rlv=None, w=None, pw=None, full=False)
 
 
-def _finish(p: Problem) -> Problem:
-    check_devices(x=p.x, y=p.y, rlv=p.rlv, w=p.w, pw=p.pw, mu=p.mu, lv=p.lv, pmu=p.pmu, plv=p.plv,
-                  beta=p.beta)
+def _finish(p: Problem, **names) -> Problem:
+    """Last check, on devices; `names` maps Problem fields to the caller's argument names."""
+    fields = ("x", "y", "rlv", "w", "pw", "mu", "lv", "pmu", "plv", "beta")
+    check_devices(**{names.get(f, f): getattr(p, f) for f in fields})
     return p
 
 
@@ -184,7 +192,7 @@ def parse_bernoulli_nll(logits, target, reduction, *, probs=False) -> Problem:
     check_same_shape("target", target, "logits", logits, allow_bool=True)
     kind = "bernoulli_probs" if probs else "bernoulli"
     return _finish(Problem(kind, logits, target, None, None, None, False, **_NO_KL,
-                           reduction=check_reduction(reduction)))
+                           reduction=check_reduction(reduction)), x="logits", y="target")
 
 
 def parse_gaussian_nll(mean, target, logvar, full, reduction) -> Problem:
@@ -192,7 +200,7 @@ def parse_gaussian_nll(mean, target, logvar, full, reduction) -> Problem:
     check_same_shape("target", target, "mean", mean)
     logvar = check_param("logvar", logvar, "mean", mean, allow_none=False)
     return _finish(Problem("gaussian", mean, target, logvar, None, None, bool(full), **_NO_KL,
-                           reduction=check_reduction(reduction)))
+                           reduction=check_reduction(reduction)), x="mean", y="target", rlv="logvar")
 
 
 def parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> Problem:
@@ -201,7 +209,8 @@ def parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> Problem:
     prior_mu = check_param("prior_mu", prior_mu, "mu", mu)
     prior_logvar = check_param("prior_logvar", prior_logvar, "mu", mu)
     return _finish(Problem("none", **_NO_RECON, mu=mu, lv=logvar, pmu=prior_mu, plv=prior_logvar,
-                           beta=1.0, reduction=check_reduction(reduction)))
+                           beta=1.0, reduction=check_reduction(reduction)),
+                   lv="logvar", pmu="prior_mu", plv="prior_logvar")
 
 
 def parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, prior_logvar,
@@ -222,7 +231,9 @@ def parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, pr
     elif recon_logvar is not None:
         raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
     return _finish(Problem(likelihood, recon, target, recon_logvar, None, None, True, mu, logvar,
-                           prior_mu, prior_logvar, beta, reduction, bool(return_terms)))
+                           prior_mu, prior_logvar, beta, reduction, bool(return_terms)),
+                   x="recon", y="target", rlv="recon_logvar", lv="logvar", pmu="prior_mu",
+                   plv="prior_logvar")
 
 
 def parse_bce(input, target, weight, reduction, pos_weight, *, logits: bool) -> Problem:
@@ -240,4 +251,5 @@ def parse_bce(input, target, weight, reduction, pos_weight, *, logits: bool) -> 
     reduction = check_reduction(reduction, TORCH_REDUCTIONS)
     kind = "bernoulli" if logits else "bernoulli_probs"
     return _finish(Problem(kind, input, target, None, weight, pos_weight, False, **_NO_KL,
-                           reduction="elementwise" if reduction == "none" else reduction))
+                           reduction="elementwise" if reduction == "none" else reduction),
+                   x="input", y="target", w="weight", pw="pos_weight")

@@ -23,7 +23,8 @@ def compute(p: Problem):
         return reference.compute(p)
     lv = p.lv
     if isinstance(lv, float):  # a fixed posterior log-variance: read as a broadcast scalar
-        lv = torch.full((), lv, dtype=p.mu.dtype, device=p.mu.device)
+        acc = C.acc_dtype(p.x, p.y, p.rlv, p.w, p.pw, p.mu, p.pmu, p.plv)
+        lv = torch.full((), lv, dtype=acc, device=p.mu.device)
     tensors = (p.x, p.y, _tensor_or_none(p.rlv), p.w, p.pw, p.mu, lv,
                _tensor_or_none(p.pmu), _tensor_or_none(p.plv))
     grad_on = torch.is_grad_enabled()

@@ -40,7 +40,7 @@ def param_geometry(p: Optional[Tensor], shape) -> tuple[int, int, int]:
     """
     if p is None:
         return CONST, 1, 1
-    if tuple(p.shape) == tuple(shape):
+    if tuple(p.shape) == tuple(shape) or math.prod(shape) == 0:  # (an empty partner: expand)
         return FULL, 1, 1
     ps = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
     idx = [i for i, n in enumerate(ps) if n != 1]
@@ -164,6 +164,10 @@ def _allocate(x, y, rlv, w, pw, mu, lv, pmu, plv, reduction, needs):
             dt = t.dtype if shape == tuple(partner.shape) == tuple(t.shape) else acc
         else:
             shape, dt = tuple(t.shape), t.dtype
+        if dt == torch.float16:
+            # float16 gradients stay float32 until grad_output is applied: GradScaler's 2^16
+            # would otherwise multiply values that already underflowed (or overflow them)
+            dt = torch.float32
         if shape == tuple(t.shape) == tuple(partner.shape):
             outs.append(_like(t, dt, mem[i >= 5]))
         else:
@@ -298,22 +302,29 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
     beta = ctx.beta if beta_t is None else beta_t
     if red == ELEMENTWISE:  # nll and kl are empty placeholders there: only the loss carries grads
         g_nll = g_kl = None
-        if g_loss is None:
-            return (None,) * 19
+    tracing = _tracing(g_loss, g_nll, g_kl, *bufs)
+    if torch.is_grad_enabled() and not tracing:
+        raise RuntimeError(
+            "vae_fast: the fused losses' backward is hand-written and cannot be differentiated "
+            "again (create_graph=True, e.g. a gradient penalty); use vae_fast.reference for that")
+    # a stream whose outputs got no gradient contributes none (not 0 * a stored inf = nan)
+    live = (g_loss is not None or g_nll is not None, g_loss is not None or g_kl is not None)
     grads = [None] * 9
     inplace_r, inplace_k = [], []
     # In place only when nobody else holds the buffers and the graph is freed after this
     # backward (so no second backward can read them); otherwise out of place, and a second
     # backward (retain_graph=True, gradcheck) sees intact buffers.
-    inplace = ctx.donated and not _graph_kept() and not _tracing(g_loss, g_nll, g_kl, *bufs)
+    inplace = ctx.donated and not _graph_kept() and not tracing
     coef_r = coef_k = None
+    layout = None  # the recon buffers' layout, which elementwise coefficients must follow
     for i, buf in enumerate(bufs):
-        if not ctx.needs[i] or ctx.shapes[i] is None or not ctx.needs_input_grad[i]:
+        if not ctx.needs[i] or ctx.shapes[i] is None or not ctx.needs_input_grad[i] or not live[i >= 5]:
             continue
         shape, dtype = ctx.shapes[i]
         partner = ctx.shapes[0 if i < 5 else 5][0]
-        if tuple(buf.shape) == tuple(partner) == shape and inplace:
+        if tuple(buf.shape) == tuple(partner) == shape and buf.dtype == dtype and inplace:
             (inplace_r if i < 5 else inplace_k).append(_flat(buf))
+            layout = buf if i < 5 else layout
             grads[i] = buf
             continue
         # plain torch: the compiled path, and broadcast parameters' small summed buffers
@@ -327,9 +338,11 @@ def _backward(ctx, g_loss, g_nll, g_kl, *unused):
             coef = coef.reshape(buf.shape) if buf.dim() else coef.reshape(())
         grads[i] = _sum_to(buf * coef, shape).to(dtype)
     if inplace_r or inplace_k:
+        if red == ELEMENTWISE and layout is not None and g_loss.stride() != layout.stride():
+            g_loss = torch.empty_like(layout, dtype=g_loss.dtype).copy_(g_loss)
         _backend_module(ctx.backend).scale_(
             inplace_r, inplace_k,
-            *(None if g is None else g.contiguous() for g in (g_loss, g_nll, g_kl)),
+            *(None if g is None else _flat(g.contiguous() if not _dense(g) else g) for g in (g_loss, g_nll, g_kl)),
             red_mode=red, rows=rows, row_len_r=row_len_r, row_len_k=row_len_k,
             **_beta_args(ctx.backend, ctx.beta, beta_t),
         )

@@ -50,6 +50,21 @@ def _expm1(d):
 
 
 @triton.jit
+def _max(a, b):
+    # NaN in, NaN out: a plain maximum would turn a NaN probability into a finite loss
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _cast(v, ptr):
+    # to the element type of ptr; 16-bit through fp32 (one rounding on the GPU; the
+    # interpreter's direct fp64 -> bf16 cast is wrong)
+    if ptr.dtype.element_ty == tl.bfloat16 or ptr.dtype.element_ty == tl.float16:
+        v = v.to(tl.float32)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _f64ish(hi, lo, ACC: tl.constexpr):
     # Triton passes Python floats as fp32: scalars travel as hi + lo (see _hilo), ~46 bits
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
@@ -89,27 +104,26 @@ def _recon_tile(
     y = tl.load(y_ptr + off, mask=mask, other=0).to(ACC)
     if KIND == 1:  # Bernoulli from logits; e = exp(-|z|) feeds softplus and sigmoid both
         e = tl.exp(-tl.abs(x))
-        r = 1.0 / (1.0 + e)
-        softplus_neg = tl.maximum(-x, 0.0) + _log1p(e)  # softplus(-z)
-        one_minus_sig = tl.where(x >= 0, e * r, r)
+        er = e / (1.0 + e)  # min(sigmoid(z), 1 - sigmoid(z)), accurate however confident z is
+        log1p_e = _log1p(e)
         if PW_MODE != 0:
             pw = _load_param(pw_ptr, off, mask, 1.0, pw_inner, pw_count, PW_MODE, ACC)
-            lw = 1.0 + (pw - 1.0) * y
-            loss = (1.0 - y) * x + lw * softplus_neg
-            dx = (1.0 - y) - lw * one_minus_sig
-            dy = (pw - 1.0) * softplus_neg - x
-            dpw = y * softplus_neg
         else:
-            loss = (1.0 - y) * x + softplus_neg  # = softplus(z) - y*z
-            dx = (1.0 - one_minus_sig) - y
-            dy = -x
-            dpw = dy  # unused
+            pw = 1.0
+        lw = 1.0 + (pw - 1.0) * y  # torch's pos_weight: (1-y)*z + lw*softplus(-z)
+        # the large parts cancel exactly before the small log1p(e) is added: a confident
+        # prediction's tiny loss keeps its relative precision
+        loss = ((1.0 - y) * x + lw * _max(-x, 0.0)) + lw * log1p_e
+        # d/dz = lw*sigmoid(z) - pw*y, written so that neither side cancels
+        dx = tl.where(x >= 0, (1.0 - y) - lw * er, lw * er - pw * y)
+        dy = (pw - 1.0) * (_max(-x, 0.0) + log1p_e) - x
+        dpw = y * (_max(-x, 0.0) + log1p_e)
         drlv = dy  # unused
     elif KIND == 2:  # Bernoulli from probabilities, F.binary_cross_entropy semantics
         log_x = tl.log(x)
         log_1mx = _log1p(-x)
-        loss = -(y * tl.maximum(log_x, -100.0) + (1.0 - y) * tl.maximum(log_1mx, -100.0))
-        dx = (x - y) / tl.maximum(x * (1.0 - x), 1e-12)
+        loss = -(y * _max(log_x, -100.0) + (1.0 - y) * _max(log_1mx, -100.0))
+        dx = (x - y) / _max(x * (1.0 - x), 1e-12)
         dy = log_1mx - log_x
         dpw = dy  # unused
         drlv = dy  # unused
@@ -128,21 +142,21 @@ def _recon_tile(
     if W_MODE != 0:
         w = _load_param(w_ptr, off, mask, 1.0, w_inner, w_count, W_MODE, ACC)
         if G_W:
-            tl.store(gw_ptr + off, loss * scale, mask=mask)
+            tl.store(gw_ptr + off, _cast(loss * scale, gw_ptr), mask=mask)
         loss = loss * w
         dx = dx * w
         dy = dy * w
         dpw = dpw * w
     if G_X:
-        tl.store(gx_ptr + off, (dx * scale).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + off, _cast(dx * scale, gx_ptr), mask=mask)
     if G_Y:
-        tl.store(gy_ptr + off, (dy * scale).to(gy_ptr.dtype.element_ty), mask=mask)
+        tl.store(gy_ptr + off, _cast(dy * scale, gy_ptr), mask=mask)
     if G_RLV:
-        tl.store(grlv_ptr + off, (drlv * scale).to(grlv_ptr.dtype.element_ty), mask=mask)
+        tl.store(grlv_ptr + off, _cast(drlv * scale, grlv_ptr), mask=mask)
     if G_PW:
-        tl.store(gpw_ptr + off, (dpw * scale).to(gpw_ptr.dtype.element_ty), mask=mask)
+        tl.store(gpw_ptr + off, _cast(dpw * scale, gpw_ptr), mask=mask)
     if ELEMENTWISE_OUT:
-        tl.store(out_ptr + off, loss.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + off, _cast(loss, out_ptr), mask=mask)
     return tl.where(mask, loss, 0.0)
 
 
@@ -166,13 +180,13 @@ def _kl_tile(
     q = dm * dm * inv_pvar
     kl = 0.5 * (em1 - d + q)
     if G_MU:
-        tl.store(gmu_ptr + off, (dm * inv_pvar * scale).to(gmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gmu_ptr + off, _cast(dm * inv_pvar * scale, gmu_ptr), mask=mask)
     if G_LV:
-        tl.store(glv_ptr + off, (0.5 * em1 * scale).to(glv_ptr.dtype.element_ty), mask=mask)
+        tl.store(glv_ptr + off, _cast(0.5 * em1 * scale, glv_ptr), mask=mask)
     if G_PMU:
-        tl.store(gpmu_ptr + off, (-dm * inv_pvar * scale).to(gpmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gpmu_ptr + off, _cast(-dm * inv_pvar * scale, gpmu_ptr), mask=mask)
     if G_PLV:
-        tl.store(gplv_ptr + off, (-0.5 * (em1 + q) * scale).to(gplv_ptr.dtype.element_ty), mask=mask)
+        tl.store(gplv_ptr + off, _cast(-0.5 * (em1 + q) * scale, gplv_ptr), mask=mask)
     return tl.where(mask, kl, 0.0)
 
 
@@ -317,7 +331,7 @@ def _coef(g_loss_ptr, g_term_ptr, idx, weight, HAS_LOSS: tl.constexpr, HAS_TERM:
 @triton.jit
 def _scale_buf(ptr, off, mask, c):
     v = tl.load(ptr + off, mask=mask, other=0.0)
-    tl.store(ptr + off, (v.to(c.dtype) * c).to(v.dtype), mask=mask)
+    tl.store(ptr + off, _cast(v.to(c.dtype) * c, ptr), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,84 @@
+// Interface between the op layer (ops.cpp: tensors, checks, registration) and
+// the vectorised kernels (kernels.cpp).  Plain pointers and small structs, so
+// the kernel translation unit needs no tensor headers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace vae_fast {
+
+enum class DType : int8_t { Bool, Half, BFloat16, Float, Double };
+
+// How one input of a stream is read.  Element `i` of the stream (flat offset
+// in [0, n)) reads:
+//   Const:    `value` (no tensor)
+//   Full:     data[i]
+//   Periodic: data[(i / inner) % count]   (scalar tensors, per-feature,
+//                                          per-channel parameters)
+enum class ReadMode : int8_t { Const = 0, Full = 1, Periodic = 2 };
+
+struct Operand {
+  const void* data = nullptr;
+  DType dtype = DType::Float;
+  ReadMode mode = ReadMode::Const;
+  int64_t inner = 1;
+  int64_t count = 1;
+  double value = 0.0;
+};
+
+// A full-size per-element output (a gradient, or the elementwise loss).
+struct Output {
+  void* data = nullptr;  // nullptr: not wanted, not computed
+  DType dtype = DType::Float;
+};
+
+enum ReconKind : int { kNoRecon = 0, kBernoulliLogits = 1, kBernoulliProbs = 2, kGaussian = 3 };
+enum RedMode : int { kTotal = 0, kRows = 1, kElementwise = 2 };
+
+struct ReconStream {
+  int kind = kNoRecon;
+  bool full = false;     // Gaussian: add 0.5*log(2*pi) per element
+  int64_t n = 0;         // rows * row_len
+  int64_t row_len = 0;
+  Operand x, y, s, w, pw;                 // s: Gaussian log-variance
+  Output gx, gy, gs, gw, gpw, elem_loss;  // grads already multiplied by `scale`
+  double scale = 1.0;
+};
+
+struct KLStream {
+  bool present = false;
+  int64_t n = 0;
+  int64_t row_len = 0;
+  Operand mu, lv, pmu, plv;
+  Output gmu, glv, gpmu, gplv;
+  double scale = 1.0;
+};
+
+// Runs both streams in one parallel pass.  Returns the unscaled sums per
+// segment (one segment for TOTAL/ELEMENTWISE, `rows` for ROWS) in sums_r /
+// sums_k, each sized to the number of segments (zeros for an absent stream).
+// acc_double: compute in float64 instead of float32.
+void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mode,
+                          int64_t rows, bool acc_double, std::vector<double>& sums_r,
+                          std::vector<double>& sums_k);
+
+// buf[i] *= coef(i), where coef is a scalar (n_coef == 1), per row
+// (n_coef == rows, row of i = i / row_len), or per element (n_coef == n).
+// Coefficients equal to exactly 1 leave their range untouched.
+// For the per-element case `coef_elem` points at n coefficients in acc dtype
+// `coef_dtype` (one or two tensors, summed: a[i] + b[i], either may be null).
+struct ScaleSpec {
+  // scalar / per-row coefficients, already combined in double
+  const double* coef = nullptr;
+  int64_t n_coef = 0;
+  int64_t row_len = 0;
+  // per-element coefficients
+  const void* elem_a = nullptr;
+  const void* elem_b = nullptr;
+  DType elem_dtype = DType::Float;
+  bool elementwise = false;
+};
+void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec);
+
+}  // namespace vae_fast

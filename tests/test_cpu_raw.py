@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 from vae_fast import _cpu
 
+from conftest import IN_CI  # noqa: E402
+
 if not _cpu.available():
+    if IN_CI:  # shipped but not building is a failure in CI, never a silent skip
+        pytest.fail(f"the C++ CPU backend must build in CI: {_cpu.unavailable_reason()}", pytrace=False)
     pytest.skip(f"C++ CPU backend unavailable: {_cpu.unavailable_reason()}",
                 allow_module_level=True)
 

@@ -91,12 +91,8 @@ def check_param(name: str, p: ParamLike, partner_name: str, partner: torch.Tenso
     if isinstance(p, torch.Tensor):
         if not p.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got dtype {p.dtype}")
-        ok = p.dim() <= partner.dim()
-        if ok:
-            try:
-                ok = torch.broadcast_shapes(p.shape, partner.shape) == partner.shape
-            except RuntimeError:
-                ok = False
+        ok = p.dim() <= partner.dim() and all(
+            n == 1 or n == m for n, m in zip(reversed(p.shape), reversed(partner.shape)))
         if not ok:
             raise ValueError(
                 f"{name} of shape {tuple(p.shape)} does not broadcast to the shape of "

@@ -30,7 +30,7 @@ def compute(p: Problem):
     grad_on = torch.is_grad_enabled()
     needs = [bool(grad_on and t is not None and t.requires_grad) for t in tensors]
     beta_t = _tensor_or_none(p.beta)
-    out = ops.fused_loss(*tensors, beta_t, kind=p.kind, reduction=p.reduction, full=p.full,
+    out = ops.call_fused_loss(*tensors, beta_t, kind=p.kind, reduction=p.reduction, full=p.full,
                          rlv_const=_const(p.rlv), pmu_const=_const(p.pmu), plv_const=_const(p.plv),
                          beta=1.0 if beta_t is not None else p.beta, needs=needs, backend=backend)
     if not torch.compiler.is_compiling():  # compiled graphs scale with a fused multiply

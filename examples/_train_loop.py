@@ -195,3 +195,12 @@ def describe(args) -> str:
     words = [f"loss={args.loss}"] + [f"backend={backend}"] * (args.loss == "vae_fast")
     words += ["compile"] * args.compile + ["amp(bf16)"] * args.amp
     return " ".join(words + [f"device={args.device}", f"seed={args.seed}"])
+
+
+def report_done(hist, save_dir) -> None:
+    """The last lines of a run: final losses, time, and what was saved."""
+    total = sum(e["seconds"] for e in hist.epochs)
+    print(f"done: final loss {hist.epochs[-1]['loss']:.4f}, test {hist.epochs[-1]['test_loss']:.4f}, "
+          f"{total:.1f} s training ({total / len(hist.epochs):.2f} s/epoch)")
+    if save_dir:
+        print(f"saved {os.path.join(save_dir, 'reconstructions.png')}, loss_curves.png, history.json")

@@ -146,11 +146,7 @@ def main(argv=None):
     args = parse_args(argv)
     print(f"MLP VAE on 8x8 digits: {loop.describe(args)} decoder={args.decoder}", flush=True)
     _, hist = train(**vars(args))
-    total = sum(e["seconds"] for e in hist.epochs)
-    print(f"done: final loss {hist.epochs[-1]['loss']:.4f}, test {hist.epochs[-1]['test_loss']:.4f}, "
-          f"{total:.1f} s training ({total / len(hist.epochs):.2f} s/epoch)")
-    if args.save:
-        print(f"saved {os.path.join(args.save, 'reconstructions.png')}, loss_curves.png, history.json")
+    loop.report_done(hist, args.save)
 
 
 if __name__ == "__main__":

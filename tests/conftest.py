@@ -47,6 +47,16 @@ def require_backend(name: str) -> None:
             pytest.skip(f"C++ CPU backend unavailable: {why}")
 
 
+def fused_backends() -> list:
+    """The fused backends that can run here (for parametrizations that must not skip)."""
+    out = []
+    if not GPU_RUN and _backend.triton_runs_on(torch.device("cpu")):
+        out.append("triton")
+    if _backend.cpu_extension()[0] is not None:
+        out.append("cpu")
+    return out
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request):
     """Each fused backend in turn, forced (no silent fallback)."""

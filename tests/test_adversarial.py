@@ -30,13 +30,7 @@ from vae_fast import _backend, reference  # noqa: E402
 F32, F64 = torch.float32, torch.float64
 
 
-def fused_backends() -> list[str]:
-    out = []
-    if _backend.triton_runs_on(torch.device("cpu")):
-        out.append("triton")
-    if _backend.cpu_extension()[0] is not None:
-        out.append("cpu")
-    return out
+from conftest import fused_backends  # noqa: E402
 
 
 BACKENDS = ["reference"] + fused_backends()

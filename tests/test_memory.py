@@ -25,13 +25,7 @@ import vae_fast  # noqa: E402
 from vae_fast import _backend  # noqa: E402
 
 
-def fused_backends() -> list[str]:
-    out = []
-    if _backend.triton_runs_on(torch.device("cpu")):
-        out.append("triton")
-    if _backend.cpu_extension()[0] is not None:
-        out.append("cpu")
-    return out
+from conftest import fused_backends  # noqa: E402
 
 
 FUSED = fused_backends()

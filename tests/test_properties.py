@@ -77,13 +77,7 @@ def examples(weight: float) -> settings:
 # ---------------------------------------------------------------------------------------------
 # backends
 
-def fused_backends() -> list[str]:
-    out = []
-    if _backend.triton_runs_on(torch.device("cpu")):
-        out.append("triton")
-    if _backend.cpu_extension()[0] is not None:
-        out.append("cpu")
-    return out
+from conftest import fused_backends  # noqa: E402
 
 
 # "reference" at the inputs' own dtypes checks the tolerance model and the dtype policy.

@@ -1,4 +1,4 @@
-"""Fused C++ CPU backend: builds ``csrc/`` on first use and wraps its two ops.
+"""Fused C++ CPU backend: builds ``csrc/`` on first use and wraps its ops.
 
 The extension is compiled with ``-march=native`` by ``torch.utils.cpp_extension``
 the first time :func:`available` or :func:`load` is called, and cached under
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "load", "fused_forward", "scale_"]
+__all__ = ["available", "unavailable_reason", "load", "fused_forward", "scale_", "eager_op"]
 
 _NAMESPACE = "vae_fast_cpu"
 # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs; no -ffast-math,
@@ -34,6 +34,9 @@ _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _ops = None
 _reason: Optional[str] = None
+# torch.ops.vae_fast_cpu.eager_loss.default once the extension is loaded (vae_fast.functional's
+# eager fast path reads it; None means: take the general path)
+eager_op = None
 
 
 def _source_dir() -> Optional[Path]:
@@ -106,7 +109,7 @@ def _build():
 
 
 def _ensure() -> None:
-    global _ops, _reason
+    global _ops, _reason, eager_op
     if _ops is not None or _reason is not None:
         return
     with _lock:
@@ -117,6 +120,7 @@ def _ensure() -> None:
             # touch both ops so a half-registered library fails here, not later
             ops.fused_forward  # noqa: B018
             ops.scale_  # noqa: B018
+            eager_op = ops.eager_loss.default
             _ops = ops
         except BaseException as exc:  # a missing compiler raises all sorts of things
             if isinstance(exc, KeyboardInterrupt):

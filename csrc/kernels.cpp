@@ -129,6 +129,21 @@ void convert_out(const T* src, DType dt, void* dst, int64_t off, int64_t n) {
   }
 }
 
+inline int64_t element_size(DType dt) {
+  switch (dt) {
+    case DType::Bool:
+      return 1;
+    case DType::Half:
+    case DType::BFloat16:
+      return 2;
+    case DType::Float:
+      return 4;
+    case DType::Double:
+      return 8;
+  }
+  return 1;
+}
+
 template <typename T>
 constexpr DType dtype_of() {
   return std::is_same_v<T, float> ? DType::Float : DType::Double;
@@ -242,7 +257,28 @@ struct ReconTile {
   T *gx, *gy, *gs, *gw, *gpw, *le;
   T scale;
   T add_const;  // Gaussian full: 0.5*log(2*pi), else 0
+  // x, y, s in the caller's memory at this tile (whatever their dtype) and their element
+  // sizes, for software prefetching; nullptr where the stream is not read in full
+  const char* pf[3];
+  int64_t pf_size[3];
 };
+
+// Software prefetch, kPrefetchAhead elements ahead of the vector loop, of every input read
+// in full.  The hardware prefetchers stop at 4 KiB pages and ramp up again on each, which
+// leaves a compute-heavy loop waiting on memory when the inputs are not in cache (measured
+// on a 2-core AVX-512 Xeon, inputs flushed from cache: 0.8M-element Bernoulli forward
+// 485 -> 390 us, 6.3M 3.3 -> 2.9 ms; no change with warm caches).  Prefetches never fault,
+// so running past the end of the tensor is harmless.
+constexpr int64_t kPrefetchAhead = 1024;
+
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_ahead(const ReconTile<T>& t, int64_t i) {
+  for (int k = 0; k < 3; ++k) {
+    if (t.pf[k] != nullptr) {
+      __builtin_prefetch(t.pf[k] + (i + kPrefetchAhead) * t.pf_size[k], 0, 3);
+    }
+  }
+}
 
 // Loss of one vector of elements (unscaled); writes the requested gradients,
 // already multiplied by `scale`.
@@ -366,6 +402,7 @@ double recon_tile(const ReconTile<T>& t, int64_t n) {
   SumAcc<T> acc;
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
+    prefetch_ahead(t, i);
     V a = recon_vec<T, KIND, HAS_W, HAS_PW, false>(t, i, L);
     V b = recon_vec<T, KIND, HAS_W, HAS_PW, false>(t, i + L, L);
     if constexpr (ELEM) {
@@ -433,6 +470,12 @@ class ReconChunkRunner {
     gw_.init(rs.gw, storage + 8 * kTile);
     gpw_.init(rs.gpw, storage + 9 * kTile);
     le_.init(rs.elem_loss, storage + 10 * kTile);
+    const Operand* streams[3] = {&rs.x, &rs.y, &rs.s};
+    for (int k = 0; k < 3; ++k) {
+      const bool full = streams[k]->mode == ReadMode::Full && (k < 2 || rs.kind == kGaussian);
+      pf_base_[k] = full ? static_cast<const char*>(streams[k]->data) : nullptr;
+      pf_size_[k] = element_size(streams[k]->dtype);
+    }
   }
   static constexpr int64_t kBuffers = 11;
 
@@ -454,6 +497,10 @@ class ReconChunkRunner {
       t.gw = gw_.get(off);
       t.gpw = gpw_.get(off);
       t.le = le_.get(off);
+      for (int k = 0; k < 3; ++k) {
+        t.pf[k] = pf_base_[k] != nullptr ? pf_base_[k] + off * pf_size_[k] : nullptr;
+        t.pf_size[k] = pf_size_[k];
+      }
       sum += fn_(t, n);
       gx_.commit(off, n);
       gy_.commit(off, n);
@@ -470,6 +517,8 @@ class ReconChunkRunner {
   ReconTileFn<T> fn_;
   InStage<T> x_, y_, s_, w_, pw_;
   OutStage<T> gx_, gy_, gs_, gw_, gpw_, le_;
+  const char* pf_base_[3];
+  int64_t pf_size_[3];
 };
 
 // ---------------------------------------------------------------------------

@@ -2,19 +2,26 @@
 // (lowering, output and gradient allocation, the fused pass) and hangs a C++ autograd node on
 // the result whose backward only scales the gradients it stored.
 //
-//   torch.ops.vae_fast_cpu.eager_loss(x, y, rlv, mu, lv, pmu, plv, kind, full, reduction,
-//                                     beta, rlv_c, pmu_c, plv_c) -> [loss, nll, kl]
+//   <extension module>.eager_loss(x, y, rlv, mu, lv, pmu, plv, kind, full, reduction, beta,
+//                                 rlv_c, pmu_c, plv_c) -> [loss, nll, kl]
 //
 // Why: at MNIST..CelebA-64 sizes the kernel takes a few hundred microseconds, and the Python
 // around it (a torch.autograd.Function, its context and its Python backward) cost as much
 // again, more when the caches are cold, as they are after a model's forward.
 //
+// It is the eager implementation of vae_fast::fused_loss on CPU tensors, as ops.py's
+// _EagerFusedLoss is for the general path, not an operator of its own: a plain Python binding
+// (cheaper to call than a dispatcher op), never reached while torch.compile traces, where the
+// custom op with its fake and autograd registrations is what runs.
+//
 // It covers the common case only and answers [] for anything else, so that the caller runs
-// the general path (which also raises the errors for bad arguments): every floating tensor of
-// one dtype, float32 or float64, the target of that dtype or bool, contiguous, on the CPU,
-// non-empty, parameters either absent, constants, or tensors of their partner's exact shape,
-// and a total ("sum", "batchmean", "mean") or per-sample ("none") reduction. The numbers are
-// those of the general path: same kernel, same scales, same in-place scaling.
+// the general path (which also raises the errors for bad arguments): floating tensors (each
+// float32, float64, bfloat16 or float16, as under autocast) and a floating or bool target,
+// contiguous, on the CPU, non-empty, parameters either absent, constants, or tensors of their
+// partner's exact shape, and a total ("sum", "batchmean", "mean") or per-sample ("none")
+// reduction. The numbers are those of the general path: same kernel, same accumulation dtype
+// (float64 when any input is, else float32), same gradient dtypes (the input's; float16 ones
+// kept in float32 until grad_output is applied), same in-place scaling.
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -22,7 +29,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <vector>
 
@@ -61,16 +68,40 @@ struct Plan {
   KLStream ks;
   int red_mode = kTotal;
   int64_t rows = 1;
-  at::ScalarType dtype = at::kFloat;
+  at::ScalarType acc = at::kFloat;  // of the sums and the returned losses
   double beta = 1.0;
 };
+
+bool is_float(const Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
+DType dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kDouble:
+      return DType::Double;
+    case at::kBool:
+      return DType::Bool;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kHalf:
+      return DType::Half;
+    default:
+      return DType::Float;
+  }
+}
+
+// float16 gradients stay float32 until grad_output is applied (as vae_fast.ops._allocate):
+// GradScaler's 2^16 would otherwise multiply values that already underflowed
+at::ScalarType buffer_dtype(at::ScalarType s) {
+  return s == at::kHalf ? at::kFloat : s;
+}
 
 Operand full_operand(const Tensor& t) {
   Operand op;
   op.data = t.data_ptr();
-  op.dtype = t.scalar_type() == at::kDouble  ? DType::Double
-             : t.scalar_type() == at::kBool ? DType::Bool
-                                             : DType::Float;
+  op.dtype = dtype_of(t.scalar_type());
   op.mode = ReadMode::Full;
   return op;
 }
@@ -97,20 +128,16 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
   if (mu.defined() && !lv.defined()) return false;  // a constant posterior log-variance
   const Tensor& main = x.defined() ? x : mu;
   if (!main.defined() || main.dim() == 0) return false;
-  const at::ScalarType dt = main.scalar_type();
-  if (dt != at::kFloat && dt != at::kDouble) return false;
+  bool acc_double = false;
   for (const Tensor* t : {&x, &y, &rlv, &mu, &lv, &pmu, &plv}) {
     if (!plain(*t)) return false;
-  }
-  for (const Tensor* t : {&x, &rlv, &mu, &lv, &pmu, &plv}) {
-    if (t->defined() && t->scalar_type() != dt) return false;
-  }
-  if (x.defined()) {
-    if (y.scalar_type() != dt && !(y.scalar_type() == at::kBool && kind != kGaussian)) {
+    if (t->defined() && !is_float(*t) && !(t == &y && t->scalar_type() == at::kBool &&
+                                           kind != kGaussian)) {
       return false;
     }
-    if (!same_shape(y, x) || !same_shape(rlv, x)) return false;
+    acc_double = acc_double || (t->defined() && t->scalar_type() == at::kDouble);
   }
+  if (x.defined() && (!same_shape(y, x) || !same_shape(rlv, x))) return false;
   if (mu.defined()) {
     if (mu.dim() == 0 || !same_shape(lv, mu) || !same_shape(pmu, mu) || !same_shape(plv, mu)) {
       return false;
@@ -121,7 +148,7 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
   const int64_t batch = main.size(0);
   const int64_t n = x.defined() ? x.numel() : 0;
   const int64_t m = mu.defined() ? mu.numel() : 0;
-  plan.dtype = dt;
+  plan.acc = acc_double ? at::kDouble : at::kFloat;
   plan.beta = beta;
   plan.red_mode = reduction == kPerSample ? kRows : kTotal;
   plan.rows = reduction == kPerSample ? batch : 1;
@@ -164,7 +191,7 @@ Output output_of(const Tensor& g) {
   Output o;
   if (g.defined()) {
     o.data = g.data_ptr();
-    o.dtype = g.scalar_type() == at::kDouble ? DType::Double : DType::Float;
+    o.dtype = dtype_of(g.scalar_type());
   }
   return o;
 }
@@ -178,14 +205,15 @@ variable_list run(Plan& plan, const Tensor* const inputs[kNumInputs], const bool
     grads->assign(kNumInputs, Tensor());
     for (int i = 0; i < kNumInputs; ++i) {
       if (!needs[i]) continue;
-      (*grads)[i] = at::empty(inputs[i]->sizes(), inputs[i]->options());
+      const Tensor& t = *inputs[i];
+      (*grads)[i] = at::empty(t.sizes(), t.options().dtype(buffer_dtype(t.scalar_type())));
       *slots[i] = output_of((*grads)[i]);
     }
   }
   std::vector<double> sums_r, sums_k;
   fused_forward_kernel(plan.rs, plan.ks, plan.red_mode, plan.rows,
-                       plan.dtype == at::kDouble, sums_r, sums_k);
-  const auto opts = at::TensorOptions().dtype(plan.dtype);
+                       plan.acc == at::kDouble, sums_r, sums_k);
+  const auto opts = at::TensorOptions().dtype(plan.acc);
   const bool per_sample = plan.red_mode == kRows;
   Tensor loss = per_sample ? at::empty({plan.rows}, opts) : at::empty({}, opts);
   Tensor nll = at::empty_like(loss);
@@ -194,7 +222,7 @@ variable_list run(Plan& plan, const Tensor* const inputs[kNumInputs], const bool
     const double vn = plan.rs.scale * sums_r[i];
     const double vk = plan.ks.scale * sums_k[i];
     const double vl = vn + plan.beta * vk;
-    if (plan.dtype == at::kDouble) {
+    if (plan.acc == at::kDouble) {
       loss.data_ptr<double>()[i] = vl;
       nll.data_ptr<double>()[i] = vn;
       kl.data_ptr<double>()[i] = vk;
@@ -241,10 +269,14 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
     // takes it as .grad without a copy
     ctx->save_for_backward(std::move(grads));
     int64_t present = 0;  // bit i: input i is a tensor, i.e. an autograd input
+    int64_t half = 0;     // bit i: input i is float16 (its buffer is float32)
     for (int i = 0; i < kNumInputs; ++i) {
-      present |= static_cast<int64_t>(call->inputs[i]->defined()) << i;
+      const Tensor& t = *call->inputs[i];
+      present |= static_cast<int64_t>(t.defined()) << i;
+      half |= static_cast<int64_t>(t.defined() && t.scalar_type() == at::kHalf) << i;
     }
     ctx->saved_data["present"] = present;
+    ctx->saved_data["half"] = half;
     ctx->saved_data["per_sample"] = call->plan.red_mode == kRows;
     ctx->saved_data["rows"] = call->plan.rows;
     ctx->saved_data["beta"] = call->plan.beta;
@@ -258,6 +290,7 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
                 "vae_fast.reference for that");
     variable_list bufs = ctx->get_saved_variables();
     const int64_t present = ctx->saved_data["present"].toInt();
+    const int64_t half = ctx->saved_data["half"].toInt();
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
     const int64_t rows = ctx->saved_data["rows"].toInt();
     const double beta = ctx->saved_data["beta"].toDouble();
@@ -292,11 +325,9 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
         spec.coef = kRecon[i] ? coef_r.data() : coef_k.data();
         spec.n_coef = n_coef;
         spec.row_len = buf.numel() / n_coef;
-        scale_kernel(buf.data_ptr(),
-                     buf.scalar_type() == at::kDouble ? DType::Double : DType::Float,
-                     buf.numel(), spec);
+        scale_kernel(buf.data_ptr(), dtype_of(buf.scalar_type()), buf.numel(), spec);
       }
-      out[i] = buf;
+      out[i] = (half >> i) & 1 ? buf.to(at::kHalf) : buf;
     }
     return out;
   }
@@ -335,6 +366,8 @@ std::vector<Tensor> eager_loss(const OptTensor& x_, const OptTensor& y_, const O
 }  // namespace
 }  // namespace vae_fast
 
-TORCH_LIBRARY_IMPL(vae_fast_cpu, CompositeImplicitAutograd, m) {
-  m.impl("eager_loss", &vae_fast::eager_loss);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("eager_loss", &vae_fast::eager_loss, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "[loss, nll, kl] of one eager call on CPU tensors, or [] when the call is not the fast "
+        "path's case (vae_fast.functional._fast then takes the general path)");
 }

@@ -3,8 +3,8 @@
 //
 //   torch.ops.vae_fast_cpu.fused_forward(...)  one pass: losses (+ gradients)
 //   torch.ops.vae_fast_cpu.scale_(...)         backward: grads *= grad_output
-//   torch.ops.vae_fast_cpu.eager_loss(...)     eager fast path with its own autograd node
-//                                              (eager.cpp)
+// (eager.cpp adds a Python binding, eager_loss: the eager fast path with its own C++
+// autograd node.)
 //
 // The Python side (vae_fast/_cpu.py) documents the arguments; the formulas are
 // in DESIGN.md.  Everything here runs on the host: these are CPU tensors.
@@ -387,12 +387,6 @@ TORCH_LIBRARY(vae_fast_cpu, m) {
   m.def(
       "scale_(Tensor(a!)[] bufs_r, Tensor(b!)[] bufs_k, Tensor? g_loss, Tensor? g_nll, "
       "Tensor? g_kl, float beta, int red_mode, int rows, int row_len_r, int row_len_k) -> ()");
-  // eager fast path, implemented in eager.cpp: [loss, nll, kl], or [] when the call is not
-  // its case (then the caller takes the general path)
-  m.def(
-      "eager_loss(Tensor? x, Tensor? y, Tensor? rlv, Tensor? mu, Tensor? lv, Tensor? pmu, "
-      "Tensor? plv, int kind, bool full, int reduction, float beta, float rlv_c, float pmu_c, "
-      "float plv_c) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vae_fast_cpu, CPU, m) {

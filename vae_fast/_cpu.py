@@ -10,6 +10,10 @@ reused on a machine that could not run it.
 Callers (``vae_fast``'s core) pass tensors that are already validated,
 contiguous and on the CPU; the C++ side re-checks shapes and dtypes with
 ``TORCH_CHECK`` and raises ``RuntimeError`` on a mismatch.
+
+The extension is also a Python module whose ``eager_loss`` (``eager_op`` here)
+is the eager fast path of ``vae_fast.functional``: it checks its own case and
+answers ``[]`` for anything else.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _ops = None
 _reason: Optional[str] = None
-# torch.ops.vae_fast_cpu.eager_loss.default once the extension is loaded (vae_fast.functional's
-# eager fast path reads it; None means: take the general path)
+# the extension module's eager_loss (csrc/eager.cpp) once it is loaded: vae_fast.functional's
+# eager fast path; None means: take the general path
 eager_op = None
 
 
@@ -95,17 +99,17 @@ def _build():
 
     from torch.utils import cpp_extension
 
-    cpp_extension.load(
+    module = cpp_extension.load(
         name=f"vae_fast_cpu_{src_hash}",
         sources=[str(p) for p in files if p.suffix == ".cpp"],
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,
         extra_include_paths=[str(src)],
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=os.environ.get("VAE_FAST_VERBOSE_BUILD", "") not in ("", "0"),
     )
-    return getattr(torch.ops, _NAMESPACE)
+    return getattr(torch.ops, _NAMESPACE), module
 
 
 def _ensure() -> None:
@@ -116,11 +120,11 @@ def _ensure() -> None:
         if _ops is not None or _reason is not None:
             return
         try:
-            ops = _build()
+            ops, module = _build()
             # touch both ops so a half-registered library fails here, not later
             ops.fused_forward  # noqa: B018
             ops.scale_  # noqa: B018
-            eager_op = ops.eager_loss.default
+            eager_op = module.eager_loss
             _ops = ops
         except BaseException as exc:  # a missing compiler raises all sorts of things
             if isinstance(exc, KeyboardInterrupt):

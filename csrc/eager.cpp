@@ -22,6 +22,7 @@
 // reduction. The numbers are those of the general path: same kernel, same accumulation dtype
 // (float64 when any input is, else float32), same gradient dtypes (the input's; float16 ones
 // kept in float32 until grad_output is applied), same in-place scaling.
+#include "dtypes.h"
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -72,26 +73,6 @@ struct Plan {
   double beta = 1.0;
 };
 
-bool is_float(const Tensor& t) {
-  const at::ScalarType s = t.scalar_type();
-  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
-}
-
-DType dtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kDouble:
-      return DType::Double;
-    case at::kBool:
-      return DType::Bool;
-    case at::kBFloat16:
-      return DType::BFloat16;
-    case at::kHalf:
-      return DType::Half;
-    default:
-      return DType::Float;
-  }
-}
-
 // float16 gradients stay float32 until grad_output is applied (as vae_fast.ops._allocate):
 // GradScaler's 2^16 would otherwise multiply values that already underflowed
 at::ScalarType buffer_dtype(at::ScalarType s) {
@@ -101,7 +82,7 @@ at::ScalarType buffer_dtype(at::ScalarType s) {
 Operand full_operand(const Tensor& t) {
   Operand op;
   op.data = t.data_ptr();
-  op.dtype = dtype_of(t.scalar_type());
+  op.dtype = to_dtype(t.scalar_type());
   op.mode = ReadMode::Full;
   return op;
 }
@@ -131,11 +112,10 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
   bool acc_double = false;
   for (const Tensor* t : {&x, &y, &rlv, &mu, &lv, &pmu, &plv}) {
     if (!plain(*t)) return false;
-    if (t->defined() && !is_float(*t) && !(t == &y && t->scalar_type() == at::kBool &&
-                                           kind != kGaussian)) {
-      return false;
-    }
-    acc_double = acc_double || (t->defined() && t->scalar_type() == at::kDouble);
+    if (!t->defined()) continue;
+    const bool bool_target = t == &y && kind != kGaussian && y.scalar_type() == at::kBool;
+    if (!is_float(t->scalar_type()) && !bool_target) return false;
+    acc_double = acc_double || t->scalar_type() == at::kDouble;
   }
   if (x.defined() && (!same_shape(y, x) || !same_shape(rlv, x))) return false;
   if (mu.defined()) {
@@ -191,7 +171,7 @@ Output output_of(const Tensor& g) {
   Output o;
   if (g.defined()) {
     o.data = g.data_ptr();
-    o.dtype = dtype_of(g.scalar_type());
+    o.dtype = to_dtype(g.scalar_type());
   }
   return o;
 }
@@ -325,7 +305,7 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
         spec.coef = kRecon[i] ? coef_r.data() : coef_k.data();
         spec.n_coef = n_coef;
         spec.row_len = buf.numel() / n_coef;
-        scale_kernel(buf.data_ptr(), dtype_of(buf.scalar_type()), buf.numel(), spec);
+        scale_kernel(buf.data_ptr(), to_dtype(buf.scalar_type()), buf.numel(), spec);
       }
       out[i] = (half >> i) & 1 ? buf.to(at::kHalf) : buf;
     }

@@ -8,6 +8,7 @@
 //
 // The Python side (vae_fast/_cpu.py) documents the arguments; the formulas are
 // in DESIGN.md.  Everything here runs on the host: these are CPU tensors.
+#include "dtypes.h"
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -26,27 +27,6 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kInputNames[9] = {"x", "y", "rlv", "w", "pw", "mu", "lv", "pmu", "plv"};
-
-bool is_float(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-DType to_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kBool:
-      return DType::Bool;
-    case at::kHalf:
-      return DType::Half;
-    case at::kBFloat16:
-      return DType::BFloat16;
-    case at::kFloat:
-      return DType::Float;
-    case at::kDouble:
-      return DType::Double;
-    default:
-      TORCH_CHECK(false, "vae_fast_cpu: unsupported dtype ", t);
-  }
-}
 
 void check_cpu_contig(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "vae_fast_cpu: ", name, " must be a CPU tensor, got ",

@@ -1,0 +1,33 @@
+// torch dtypes as the kernels see them (kernels.h's DType), shared by the operator layer
+// (ops.cpp) and the eager fast path (eager.cpp).
+#pragma once
+
+#include "kernels.h"
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+namespace vae_fast {
+
+inline bool is_float(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+inline DType to_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::kBool:
+      return DType::Bool;
+    case c10::kHalf:
+      return DType::Half;
+    case c10::kBFloat16:
+      return DType::BFloat16;
+    case c10::kFloat:
+      return DType::Float;
+    case c10::kDouble:
+      return DType::Double;
+    default:
+      TORCH_CHECK(false, "vae_fast_cpu: unsupported dtype ", t);
+  }
+}
+
+}  // namespace vae_fast

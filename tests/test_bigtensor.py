@@ -6,7 +6,7 @@ Reading the offset arithmetic out of compiled or interpreted kernels is impracti
     allocated), together with the kernels' source (every program id widened to int64 before
     use);
 (b) a slow test (`-m slow`) runs the fused Bernoulli ELBO over > 2^31 elements through the
-    public API on the C++ backend (float16 logits, bool targets, ~10.3 GiB of RAM) and checks
+    public API on the C++ backend (float16 logits, bool targets, ~18.4 GiB of RAM) and checks
     the loss and every gradient element against closed-form values; a gpu_required twin does
     the same through Triton on CUDA.
 """
@@ -244,18 +244,21 @@ def _run_big(device: str, backend: str):
 def test_bernoulli_elbo_over_2_31_elements_cpu():
     """The fused Bernoulli ELBO over 2^31 + 50M float16 logits with bool targets through the
     public API on the C++ backend: per-row losses, the batchmean loss and every gradient
-    element against closed-form values (needs ~10.3 GiB of free RAM)."""
+    element against closed-form values. Peak RSS measured 18.4 GiB: 4.2 GiB of logits, 2.1 of
+    targets, the 8.4 GiB float32 gradient buffer (float16 gradients stay float32 until
+    grad_output is applied) and the 4.2 GiB float16 gradient it becomes."""
     if _backend.cpu_extension()[0] is None:
         pytest.skip("the C++ backend is unavailable")
-    if _mem_available() < 11 * GIB:
-        pytest.skip(f"needs ~10.3 GiB of free RAM, {_mem_available() / GIB:.1f} GiB available")
+    if _mem_available() < 19.5 * GIB:
+        pytest.skip(f"needs ~18.4 GiB of free RAM, {_mem_available() / GIB:.1f} GiB available")
     _run_big("cpu", "cpu")
 
 
 @pytest.mark.slow
 @pytest.mark.gpu_required
 def test_bernoulli_elbo_over_2_31_elements_cuda():
-    """The same through the compiled Triton kernels on a GPU (~10.3 GiB of device memory)."""
+    """The same through the compiled Triton kernels on a GPU (at least the ~18.4 GiB of the CPU
+    run in device memory; never run: no GPU has been lent yet)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _run_big("cuda", "triton")

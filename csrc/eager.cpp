@@ -17,14 +17,17 @@
 // It covers the common case only and answers [] for anything else, so that the caller runs
 // the general path (which also raises the errors for bad arguments): floating tensors (each
 // float32, float64, bfloat16 or float16, as under autocast) and a floating or bool target,
-// contiguous, on the CPU, non-empty, parameters either absent, constants, or tensors of their
-// partner's exact shape, and a total ("sum", "batchmean", "mean") or per-sample ("none")
+// contiguous, on the CPU, non-empty, parameters absent, constants, of their partner's shape or
+// broadcast to it along one run of its dimensions (a learned scalar, per-channel, per-feature
+// or per-sample parameter), and a total ("sum", "batchmean", "mean") or per-sample ("none")
 // reduction. The numbers are those of the general path: same kernel, same accumulation dtype
 // (float64 when any input is, else float32), same gradient dtypes (the input's; float16 ones
-// kept in float32 until grad_output is applied), same in-place scaling.
+// kept in float32 until grad_output is applied; a broadcast parameter's summed in the
+// accumulation dtype), same in-place scaling.
 #include "dtypes.h"
 #include "kernels.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
@@ -32,6 +35,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 namespace vae_fast {
@@ -71,6 +75,7 @@ struct Plan {
   int64_t rows = 1;
   at::ScalarType acc = at::kFloat;  // of the sums and the returned losses
   double beta = 1.0;
+  bool broadcast[kNumInputs] = {};  // a parameter read periodically (smaller than its partner)
 };
 
 // float16 gradients stay float32 until grad_output is applied (as vae_fast.ops._allocate):
@@ -87,12 +92,59 @@ Operand full_operand(const Tensor& t) {
   return op;
 }
 
-Operand param_operand(const Tensor& t, double value) {
-  if (t.defined()) return full_operand(t);
+Operand const_operand(double value) {
   Operand op;
   op.mode = ReadMode::Const;
   op.value = value;
   return op;
+}
+
+// A parameter: absent (the constant `value`), of its partner's shape (read in full), or
+// broadcast to it with its non-1 dimensions one run of the partner's (a scalar, a per-feature
+// (Z,), a per-channel (C,1,1), a per-sample (B,1)): element `off` of the stream then reads
+// p[(off / inner) % count], as vae_fast.ops.param_geometry. false for other broadcasts (the
+// general path expands those).
+bool param_operand(const Tensor& p, double value, const Tensor& partner, Operand& op,
+                   bool& broadcast) {
+  broadcast = false;
+  if (!p.defined()) {
+    op = const_operand(value);
+    return true;
+  }
+  op = full_operand(p);
+  if (p.sizes() == partner.sizes()) return true;
+  const at::IntArrayRef shape = partner.sizes();
+  const int64_t pad = static_cast<int64_t>(shape.size()) - p.dim();
+  if (pad < 0) return false;
+  int64_t first = -1, last = -1;  // the run of non-1 dimensions, in the partner's numbering
+  for (int64_t i = 0; i < p.dim(); ++i) {
+    if (p.size(i) == 1) continue;
+    if (p.size(i) != shape[i + pad]) return false;
+    first = first < 0 ? i + pad : first;
+    last = i + pad;
+  }
+  int64_t count = 1, inner = 1;
+  if (first >= 0) {
+    for (int64_t i = first; i <= last; ++i) count *= shape[i];
+    for (int64_t i = last + 1; i < static_cast<int64_t>(shape.size()); ++i) inner *= shape[i];
+  }
+  if (p.numel() != count) return false;  // a 1 inside the run
+  op.mode = ReadMode::Periodic;
+  op.inner = inner;
+  op.count = count;
+  broadcast = true;
+  return true;
+}
+
+// Where a broadcast parameter's gradient waits for grad_output (as vae_fast.ops.
+// _stored_grad_shape): summed to the parameter's shape, except per sample, where each row keeps
+// its own slice until its coefficient is known.
+std::vector<int64_t> stored_shape(const Tensor& p, const Tensor& partner, const Plan& plan) {
+  if (plan.red_mode != kRows) return p.sizes().vec();
+  std::vector<int64_t> shape(partner.dim(), 1);
+  for (int64_t i = 0; i < p.dim(); ++i) shape[i + partner.dim() - p.dim()] = p.size(i);
+  shape[0] = plan.rows;
+  return shape;
 }
 
 // false: not the fast path's case (the caller takes the general path)
@@ -117,11 +169,9 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
     if (!is_float(t->scalar_type()) && !bool_target) return false;
     acc_double = acc_double || t->scalar_type() == at::kDouble;
   }
-  if (x.defined() && (!same_shape(y, x) || !same_shape(rlv, x))) return false;
+  if (x.defined() && !same_shape(y, x)) return false;
   if (mu.defined()) {
-    if (mu.dim() == 0 || !same_shape(lv, mu) || !same_shape(pmu, mu) || !same_shape(plv, mu)) {
-      return false;
-    }
+    if (mu.dim() == 0) return false;
     if (x.defined() && x.size(0) != mu.size(0)) return false;
   }
 
@@ -149,9 +199,9 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
     rs.row_len = n / plan.rows;
     rs.x = full_operand(x);
     rs.y = full_operand(y);
-    rs.s = param_operand(rlv, rlv_c);
-    rs.w = param_operand(Tensor(), 1.0);
-    rs.pw = param_operand(Tensor(), 1.0);
+    if (!param_operand(rlv, rlv_c, x, rs.s, plan.broadcast[2])) return false;
+    rs.w = const_operand(1.0);
+    rs.pw = const_operand(1.0);
   }
   KLStream& ks = plan.ks;
   ks.present = mu.defined();
@@ -160,9 +210,11 @@ bool make_plan(const Tensor& x, const Tensor& y, const Tensor& rlv, const Tensor
     ks.n = m;
     ks.row_len = m / plan.rows;
     ks.mu = full_operand(mu);
-    ks.lv = full_operand(lv);
-    ks.pmu = param_operand(pmu, pmu_c);
-    ks.plv = param_operand(plv, plv_c);
+    if (!param_operand(lv, 0.0, mu, ks.lv, plan.broadcast[4]) ||
+        !param_operand(pmu, pmu_c, mu, ks.pmu, plan.broadcast[5]) ||
+        !param_operand(plv, plv_c, mu, ks.plv, plan.broadcast[6])) {
+      return false;
+    }
   }
   return true;
 }
@@ -176,23 +228,37 @@ Output output_of(const Tensor& g) {
   return o;
 }
 
-// Runs the fused pass; gradient buffers for the inputs flagged in `needs`.
+// Runs the fused pass; gradient buffers for the inputs flagged in `needs`. A broadcast
+// parameter's gradient goes through a full-size temporary, summed down at once.
 variable_list run(Plan& plan, const Tensor* const inputs[kNumInputs], const bool needs[kNumInputs],
                   variable_list* grads) {
   Output* slots[kNumInputs] = {&plan.rs.gx, &plan.rs.gy, &plan.rs.gs, &plan.ks.gmu,
                                &plan.ks.glv, &plan.ks.gpmu, &plan.ks.gplv};
+  Tensor temps[kNumInputs];
   if (grads != nullptr) {
     grads->assign(kNumInputs, Tensor());
     for (int i = 0; i < kNumInputs; ++i) {
       if (!needs[i]) continue;
       const Tensor& t = *inputs[i];
-      (*grads)[i] = at::empty(t.sizes(), t.options().dtype(buffer_dtype(t.scalar_type())));
-      *slots[i] = output_of((*grads)[i]);
+      if (plan.broadcast[i]) {
+        const Tensor& partner = *inputs[kRecon[i] ? 0 : 3];
+        temps[i] = at::empty(partner.sizes(), partner.options().dtype(plan.acc));
+        *slots[i] = output_of(temps[i]);
+      } else {
+        (*grads)[i] = at::empty(t.sizes(), t.options().dtype(buffer_dtype(t.scalar_type())));
+        *slots[i] = output_of((*grads)[i]);
+      }
     }
   }
   std::vector<double> sums_r, sums_k;
   fused_forward_kernel(plan.rs, plan.ks, plan.red_mode, plan.rows,
                        plan.acc == at::kDouble, sums_r, sums_k);
+  for (int i = 0; i < kNumInputs; ++i) {
+    if (temps[i].defined()) {
+      const Tensor& partner = *inputs[kRecon[i] ? 0 : 3];
+      (*grads)[i] = at::sum_to(temps[i], stored_shape(*inputs[i], partner, plan));
+    }
+  }
   const auto opts = at::TensorOptions().dtype(plan.acc);
   const bool per_sample = plan.red_mode == kRows;
   Tensor loss = per_sample ? at::empty({plan.rows}, opts) : at::empty({}, opts);
@@ -254,6 +320,10 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
       const Tensor& t = *call->inputs[i];
       present |= static_cast<int64_t>(t.defined()) << i;
       half |= static_cast<int64_t>(t.defined() && t.scalar_type() == at::kHalf) << i;
+      if (call->plan.broadcast[i] && call->needs[i]) {  // to sum the stored gradient down to
+        ctx->saved_data["shape" + std::to_string(i)] = t.sizes().vec();
+        ctx->saved_data["dtype" + std::to_string(i)] = static_cast<int64_t>(t.scalar_type());
+      }
     }
     ctx->saved_data["present"] = present;
     ctx->saved_data["half"] = half;
@@ -297,6 +367,22 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss> {
       const size_t e = edge++;
       Tensor& buf = bufs[i];
       if (!buf.defined() || !ctx->needs_input_grad(e) || !(kRecon[i] ? live_r : live_k)) {
+        continue;
+      }
+      const auto shape = ctx->saved_data.find("shape" + std::to_string(i));
+      if (shape != ctx->saved_data.end()) {  // a broadcast parameter: small, out of place
+        const std::vector<double>& coef = kRecon[i] ? coef_r : coef_k;
+        Tensor c = at::tensor(coef, buf.options().dtype(at::kDouble)).to(buf.scalar_type());
+        if (per_sample) {
+          std::vector<int64_t> view(buf.dim(), 1);
+          view[0] = rows;
+          c = c.view(view);
+        } else {
+          c = c.view(std::vector<int64_t>{});  // 0-d ({} alone would pick view(dtype))
+        }
+        const auto dtype = static_cast<at::ScalarType>(
+            ctx->saved_data["dtype" + std::to_string(i)].toInt());
+        out[i] = at::sum_to(buf * c, shape->second.toIntVector()).to(dtype);
         continue;
       }
       if (!(kRecon[i] ? one_r : one_k)) {

@@ -55,7 +55,8 @@ def cases(dt):
     B, shape, Z = 4, (4, 3, 5, 6), 7
 
     def n(*s, scale=1.0):
-        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dt)
+        s = s[0] if len(s) == 1 and isinstance(s[0], tuple) else s
+        return (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dt)
 
     def u(*s):
         return torch.rand(*s, generator=g, dtype=torch.float64).to(dt)
@@ -86,6 +87,15 @@ def cases(dt):
         "bce_logits": (F.binary_cross_entropy_with_logits, dict(input=n(B, 11, scale=3),
                                                                 target=u(B, 11)), {}),
         "bce_probs": (F.binary_cross_entropy, dict(input=u(B, 11) * 0.9 + 0.05, target=u(B, 11)), {}),
+        # learned broadcast parameters: a scalar recon log-variance, a per-feature prior
+        "elbo_gaussian_learned": (F.elbo_loss, dict(recon=n(*shape), target=n(*shape), **post(),
+                                                    recon_logvar=n((), scale=0.5), prior_mu=n(Z),
+                                                    prior_logvar=n(Z, scale=0.5)),
+                                  dict(likelihood="gaussian", beta=0.5, return_terms=True)),
+        "gaussian_nll_channel": (F.gaussian_nll, dict(mean=n(*shape), target=n(*shape),
+                                                      logvar=n(3, 1, 1, scale=0.5)), {}),
+        "kl_per_sample_prior": (F.gaussian_kl, dict(**post(), prior_mu=n(B, 1),
+                                                    prior_logvar=n(1, Z, scale=0.5)), {}),
         # as under autocast: a 16-bit decoder output and posterior, float32 data
         "elbo_autocast": (F.elbo_loss, dict(recon=n(*shape, scale=3), target=u(*shape).float(),
                                             **post()), dict(return_terms=True)),
@@ -195,13 +205,13 @@ def _general_only():
         "channels_last": (F.bernoulli_nll, (torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
                                             torch.rand(2, 3, 4, 5, generator=g)), {}),
         "bce_0d": (F.binary_cross_entropy_with_logits, (x[0, 0], y[0, 0]), {}),
-        "broadcast_prior": (F.gaussian_kl, (mu, lv, torch.zeros(3), torch.zeros(3)), {}),
+        "gapped_broadcast": (F.gaussian_nll, (torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g),
+                                              torch.zeros(3, 1, 5)), {}),
         "float_posterior_logvar": (F.gaussian_kl, (mu, -1.0), {}),
         "tensor_beta": (F.elbo_loss, (x, y, mu, lv), dict(beta=torch.tensor(0.5))),
         "bce_weight": (F.binary_cross_entropy_with_logits, (x, y, torch.rand(6, generator=g)), {}),
         "bce_elementwise": (F.binary_cross_entropy_with_logits, (x, y), dict(reduction="none")),
         "empty_batch": (F.elbo_loss, (x[:0], y[:0], mu[:0], lv[:0]), {}),
-        "channel_logvar": (F.gaussian_nll, (x, y, torch.zeros(1, 6)), {}),
     }
 
 

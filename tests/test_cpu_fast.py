@@ -357,3 +357,39 @@ def test_threads_give_identical_results():
         assert torch.equal(u, v)
     for k in ga:
         assert torch.equal(ga[k], gb[k])
+
+
+def test_jit_trace_raises_instead_of_recording_nothing():
+    """A pybind call is invisible to torch.jit.trace (a trace of it returned a stale number):
+    tracing skips the fast path, and the fused backends refuse to be traced; the reference
+    traces fine."""
+    def f(*a):
+        return F.elbo_loss(*a)
+
+    g = _gen(5)
+    a = [torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g), torch.randn(4, 3, generator=g),
+         torch.randn(4, 3, generator=g)]
+    b = [torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g), torch.randn(4, 3, generator=g),
+         torch.randn(4, 3, generator=g)]
+    f(*a)
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
+        torch.jit.trace(f, a, check_trace=False)
+    with _backend.use_backend("reference"):
+        traced = torch.jit.trace(f, a, check_trace=False)
+    torch.testing.assert_close(traced(*b), R.elbo_loss(*b))
+
+
+def test_export_takes_the_custom_op():
+    """torch.export (which the jit.trace error points to) traces the custom op, not the fast
+    path, and the exported program computes the loss of new inputs."""
+    class Loss(torch.nn.Module):
+        def forward(self, *a):
+            return F.elbo_loss(*a)
+
+    g = _gen(6)
+    a = (torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g), torch.randn(4, 3, generator=g),
+         torch.randn(4, 3, generator=g))
+    b = tuple(torch.randn_like(t) if i != 1 else torch.rand_like(t) for i, t in enumerate(a))
+    ep = torch.export.export(Loss(), a)
+    assert "vae_fast.fused_loss" in str(ep.graph)
+    torch.testing.assert_close(ep.module()(*b), R.elbo_loss(*b))

@@ -393,3 +393,32 @@ def test_export_takes_the_custom_op():
     ep = torch.export.export(Loss(), a)
     assert "vae_fast.fused_loss" in str(ep.graph)
     torch.testing.assert_close(ep.module()(*b), R.elbo_loss(*b))
+
+
+def test_modes_see_the_ops():
+    """Under make_fx (a dispatch mode) or a torch-function mode the fast path steps aside, so
+    the traced graph computes the loss of new inputs (through the fast path it returned 0.0)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.overrides import TorchFunctionMode
+
+    def f(*a):
+        return F.elbo_loss(*a)
+
+    g = _gen(7)
+    a = [torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g), torch.randn(4, 3, generator=g),
+         torch.randn(4, 3, generator=g)]
+    b = [torch.randn_like(t) if i != 1 else torch.rand_like(t) for i, t in enumerate(a)]
+    f(*a)
+    gm = make_fx(f)(*a)
+    torch.testing.assert_close(gm(*b), R.elbo_loss(*b))
+
+    class Seen(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Seen.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        out = f(*[t.clone().requires_grad_() for t in a])
+    assert Seen.calls > 0 and not took_fast(out)

@@ -17,6 +17,8 @@ from ._common import ELBOTerms, Problem
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _functorch_active = torch._C._are_functorch_transforms_active
 _jit_tracing = torch._C._get_tracing_state  # a pybind call is invisible to torch.jit.trace
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # ... and to make_fx / any other mode
+_function_modes = torch._C._len_torch_function_stack
 _KINDS = {"bernoulli": 1, "bernoulli_probs": 2, "gaussian": 3}
 _REDUCTIONS = {"sum": 0, "batchmean": 1, "mean": 2, "none": 3}
 _ELBO_REDUCTIONS = {"sum": 0, "batchmean": 1, "none": 3}
@@ -26,14 +28,15 @@ _TORCH_REDUCTIONS = {"sum": 0, "mean": 2}  # the drop-in BCE's "none" is element
 def _fast(kind, x, y, rlv, mu, lv, pmu, plv, full, reduction, reductions, beta):
     """[loss, nll, kl] from the C++ eager path, or None: not its case, take the general path.
 
-    Its case: not tracing (torch.compile or torch.jit.trace), backend "auto" or "cpu" with the
-    extension loaded, plain tensors (no subclass), parameters that are tensors, floats or None,
+    Its case: nothing that must see the ops (torch.compile, torch.jit.trace, make_fx or any
+    other dispatch or torch-function mode), backend "auto" or "cpu" with the extension loaded, plain tensors (no subclass), parameters that are tensors, floats or None,
     a valid reduction, a non-negative real beta; csrc/eager.cpp checks the tensors themselves
     (dtypes, shapes, layout, device)."""
     if torch.compiler.is_compiling():
         return None
     op = _cpu.eager_op
-    if op is None or type(reduction) is not str or _functorch_active() or _jit_tracing():
+    if (op is None or type(reduction) is not str or _functorch_active() or _jit_tracing()
+            or _dispatch_modes() or _function_modes()):
         return None
     red = reductions.get(reduction)
     backend = _backend._stack[-1] if _backend._stack else os.environ.get(_backend.ENV) or "auto"

@@ -422,3 +422,14 @@ def test_modes_see_the_ops():
     with Seen():
         out = f(*[t.clone().requires_grad_() for t in a])
     assert Seen.calls > 0 and not took_fast(out)
+
+
+def test_profiler_names_the_fast_path():
+    from torch.profiler import profile
+
+    fn, tensors, kw = cases(torch.float32)["elbo_bernoulli"]
+    leaves = {k: t.clone().requires_grad_() for k, t in tensors.items()}
+    with profile() as prof:
+        fn(**leaves, **kw).loss.backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "vae_fast::eager_loss" in names and any(FAST_NODE in n for n in names)

@@ -29,9 +29,10 @@ def _fast(kind, x, y, rlv, mu, lv, pmu, plv, full, reduction, reductions, beta):
     """[loss, nll, kl] from the C++ eager path, or None: not its case, take the general path.
 
     Its case: nothing that must see the ops (torch.compile, torch.jit.trace, make_fx or any
-    other dispatch or torch-function mode), backend "auto" or "cpu" with the extension loaded, plain tensors (no subclass), parameters that are tensors, floats or None,
-    a valid reduction, a non-negative real beta; csrc/eager.cpp checks the tensors themselves
-    (dtypes, shapes, layout, device)."""
+    other dispatch or torch-function mode), backend "auto" or "cpu" with the extension loaded,
+    plain tensors (no subclass), parameters that are tensors, floats or None, a valid
+    reduction, a non-negative real beta; csrc/eager.cpp checks the tensors themselves (dtypes,
+    shapes, layout, device)."""
     if torch.compiler.is_compiling():
         return None
     op = _cpu.eager_op

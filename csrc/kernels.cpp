@@ -484,6 +484,7 @@ class ReconChunkRunner {
     ReconTile<T> t;
     t.scale = static_cast<T>(rs_.scale);
     t.add_const = (rs_.kind == kGaussian && rs_.full) ? static_cast<T>(kHalfLog2Pi) : T(0);
+    for (int k = 0; k < 3; ++k) t.pf_size[k] = pf_size_[k];
     for (int64_t off = begin; off < begin + len; off += kTile) {
       const int64_t n = std::min(kTile, begin + len - off);
       t.x = x_.get(off, n);
@@ -499,7 +500,6 @@ class ReconChunkRunner {
       t.le = le_.get(off);
       for (int k = 0; k < 3; ++k) {
         t.pf[k] = pf_base_[k] != nullptr ? pf_base_[k] + off * pf_size_[k] : nullptr;
-        t.pf_size[k] = pf_size_[k];
       }
       sum += fn_(t, n);
       gx_.commit(off, n);

@@ -272,12 +272,28 @@ def test_second_order_and_second_backward_raise():
         loss.backward()
 
 
+def _backward_allocations(loss) -> int:
+    """Bytes allocated (not freed) by the CPU allocator during loss.backward()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    return sum(e.nbytes() for e in events if e.nbytes() > 0)
+
+
 def test_grad_becomes_the_buffer_and_accumulates():
     """With grad_output 1 the stored buffer itself becomes .grad (the engine frees the node's
-    reference first); a second loss adds to it."""
+    reference first): the backward allocates nothing of the recon's size; a second loss adds
+    to it."""
     fn, tensors, kw = cases(torch.float32)["elbo_bernoulli"]
     leaves = {k: t.clone().requires_grad_() for k, t in tensors.items()}
-    fn(**leaves, **kw).loss.backward()
+    fn(**leaves, **kw)  # warm-up (the profiler's own first-use allocations)
+    loss = fn(**leaves, **kw).loss
+    assert took_fast(loss)
+    for t in leaves.values():
+        t.grad = None
+    assert _backward_allocations(loss) < tensors["recon"].numel() * 4
     first = {k: t.grad.clone() for k, t in leaves.items()}
     fn(**leaves, **kw).loss.backward()
     for k, t in leaves.items():

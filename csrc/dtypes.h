@@ -1,8 +1,7 @@
-// torch dtypes as the kernels see them (kernels.h's DType), shared by the operator layer
-// (ops.cpp) and the eager fast path (eager.cpp).
+// torch dtypes as the CPU kernels see them (cpu_kernels.h's DType).
 #pragma once
 
-#include "kernels.h"
+#include "cpu_kernels.h"
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -26,7 +25,7 @@ inline DType to_dtype(c10::ScalarType t) {
     case c10::kDouble:
       return DType::Double;
     default:
-      TORCH_CHECK(false, "vae_fast_cpu: unsupported dtype ", t);
+      TORCH_CHECK(false, "vae_fast: unsupported dtype ", t);
   }
 }
 

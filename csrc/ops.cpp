@@ -1,375 +1,388 @@
-// Operator layer of the fused CPU backend: schema, argument checks, and the
-// translation of tensors into the plain streams of kernels.h.
+// vae_fast's operators: schemas, device kernels, and autograd, registered once for every device.
 //
-//   torch.ops.vae_fast_cpu.fused_forward(...)  one pass: losses (+ gradients)
-//   torch.ops.vae_fast_cpu.scale_(...)         backward: grads *= grad_output
-// (eager.cpp adds a Python binding, eager_loss: the eager fast path with its own C++
-// autograd node.)
+//   vae_fast::fused_loss   the op the public functions call: (loss, nll, kl). Its autograd
+//                          kernel (below) runs vae_fast::fused_fwd and hangs a
+//                          FusedLossBackward node on the result, whose backward only scales
+//                          the gradients the forward wrote.
+//   vae_fast::fused_fwd    one fused pass: the losses and the gradients asked for in `needs`
+//                          (12 outputs). CPU: the C++ vector kernels; CUDA (and CPU under the
+//                          Triton interpreter): the Triton kernels; Meta: the plan's shapes,
+//                          which is what torch.compile, torch.export and opcheck trace with.
+//   vae_fast::triton_fwd,  launch-only ops whose kernels vae_fast/triton_kernels.py registers
+//   vae_fast::triton_scale from Python (CUDA, and CPU when TRITON_INTERPRET=1).
 //
-// The Python side (vae_fast/_cpu.py) documents the arguments; the formulas are
-// in DESIGN.md.  Everything here runs on the host: these are CPU tensors.
-#include "dtypes.h"
-#include "kernels.h"
+// An eager call goes Python -> dispatcher -> C++ (checks, plan, allocation, kernel, autograd
+// node) with no Python autograd.Function on the way; docs/design.md explains the layout.
+#include "cpu_kernels.h"
+#include "plan.h"
+#include "run.h"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/core/List.h>
-#include <c10/core/ScalarType.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-#include <optional>
 #include <string>
 
 namespace vae_fast {
 namespace {
 
-using at::Tensor;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
+using Outs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                        Tensor, Tensor, Tensor>;
 
-constexpr const char* kInputNames[9] = {"x", "y", "rlv", "w", "pw", "mu", "lv", "pmu", "plv"};
+#define VAE_FAST_ARGS                                                                         \
+  const OptTensor &x, const OptTensor &y, const OptTensor &rlv, const OptTensor &w,           \
+      const OptTensor &pw, const OptTensor &mu, const OptTensor &lv, const OptTensor &pmu,    \
+      const OptTensor &plv, const OptTensor &beta_t, int64_t api, int64_t kind,               \
+      int64_t reduction, bool full, double rlv_c, double lv_c, double pmu_c, double plv_c,    \
+      double beta, int64_t backend
+#define VAE_FAST_FORWARD \
+  x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t, api, kind, reduction, full, rlv_c, lv_c, pmu_c, \
+      plv_c, beta, backend
+constexpr const char* kSchemaArgs =
+    "Tensor? x, Tensor? y, Tensor? rlv, Tensor? w, Tensor? pw, Tensor? mu, Tensor? lv, "
+    "Tensor? pmu, Tensor? plv, Tensor? beta_t, int api, int kind, int reduction, bool full, "
+    "float rlv_c, float lv_c, float pmu_c, float plv_c, float beta, int backend";
 
-void check_cpu_contig(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "vae_fast_cpu: ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), "vae_fast_cpu: ", name, " must be contiguous");
+constexpr const char* kTwice =
+    "vae_fast: the fused losses' backward is hand-written and cannot be differentiated again "
+    "(a Hessian, a gradient penalty, create_graph=True followed by a second backward); use "
+    "vae_fast.reference for that";
+
+const Tensor& get(const OptTensor& t) {
+  static const Tensor none;
+  return t.has_value() ? *t : none;
 }
 
-// A stream's main input (x, y, mu): full size, floating (or bool for y).
-Operand main_operand(const Tensor& t, const char* name, int64_t n, bool allow_bool) {
-  check_cpu_contig(t, name);
-  TORCH_CHECK(is_float(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool),
-              "vae_fast_cpu: ", name, " has unsupported dtype ", t.scalar_type());
-  TORCH_CHECK(t.numel() == n, "vae_fast_cpu: ", name, " has ", t.numel(),
-              " elements, expected ", n);
-  Operand op;
-  op.data = t.data_ptr();
-  op.dtype = to_dtype(t.scalar_type());
-  op.mode = ReadMode::Full;
-  return op;
+Call make_call(VAE_FAST_ARGS, int64_t needs) {
+  Call c;
+  c.t = {get(x), get(y), get(rlv), get(w), get(pw), get(mu), get(lv), get(pmu), get(plv)};
+  c.beta_t = get(beta_t);
+  c.api = static_cast<Api>(api);
+  c.kind = static_cast<Likelihood>(kind);
+  c.reduction = static_cast<Reduction>(reduction);
+  c.full = full;
+  c.consts[kRlv] = rlv_c;
+  c.consts[kLv] = lv_c;
+  c.consts[kPmu] = pmu_c;
+  c.consts[kPlv] = plv_c;
+  c.beta = beta;
+  c.backend = static_cast<Backend>(backend);
+  c.needs = needs;
+  return c;
 }
 
-// A parameter (rlv, w, pw, lv, pmu, plv) read in mode 0/1/2.
-Operand param_operand(const OptTensor& t, const char* name, int64_t mode, int64_t inner,
-                      int64_t count, double value, int64_t n) {
-  Operand op;
-  op.value = value;
-  TORCH_CHECK(mode >= 0 && mode <= 2, "vae_fast_cpu: ", name, ": mode must be 0, 1 or 2, got ",
-              mode);
-  if (mode == 0) {
-    TORCH_CHECK(!t.has_value() || !t->defined(), "vae_fast_cpu: ", name,
-                " is a tensor but its mode is 0 (constant)");
-    op.mode = ReadMode::Const;
-    return op;
+Outs as_tuple(std::vector<Tensor>& o) {
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11]};
+}
+
+// ---- vae_fast::fused_fwd: device kernels ------------------------------------------------------
+
+Outs fused_fwd_kernel(VAE_FAST_ARGS, int64_t needs) {
+  const Call c = make_call(VAE_FAST_FORWARD, needs);
+  const Plan p = make_plan(c);
+  std::vector<Tensor> out = allocate(p, c);
+  run_forward(p, c, out);
+  return as_tuple(out);
+}
+
+Outs fused_fwd_meta(VAE_FAST_ARGS, int64_t needs) {
+  const Call c = make_call(VAE_FAST_FORWARD, needs);
+  std::vector<Tensor> out = allocate(make_plan(c), c);
+  return as_tuple(out);
+}
+
+const c10::OperatorHandle& fused_fwd_handle() {
+  static const c10::OperatorHandle h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("vae_fast::fused_fwd", "");
+  return h;
+}
+
+Outs call_fused_fwd(VAE_FAST_ARGS, int64_t needs) {
+  static const auto op =
+      fused_fwd_handle().typed<Outs(VAE_FAST_ARGS, int64_t)>();  // NOLINT
+  return op.call(VAE_FAST_FORWARD, needs);
+}
+
+// fused_fwd is not differentiable: its outputs are gradients already. It is reached with
+// autograd on only by a direct caller or when torch.func differentiates a fused loss's
+// gradient (torch.func.hessian, jacrev(grad(f))): its outputs then get a node that raises if
+// a backward reaches it, instead of an autograd fallback that would give zeros.
+void refuse_forward_ad(std::initializer_list<const OptTensor*> inputs) {
+  for (const OptTensor* t : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(*t),
+                                "vae_fast: the fused losses have no forward-mode derivative "
+                                "(torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad); "
+                                "use vae_fast.reference for that");
   }
-  TORCH_CHECK(t.has_value() && t->defined(), "vae_fast_cpu: ", name, " has mode ", mode,
-              " but is None");
-  check_cpu_contig(*t, name);
-  TORCH_CHECK(is_float(t->scalar_type()), "vae_fast_cpu: ", name, " has unsupported dtype ",
-              t->scalar_type());
-  op.data = t->data_ptr();
-  op.dtype = to_dtype(t->scalar_type());
-  if (mode == 1) {
-    TORCH_CHECK(t->numel() == n, "vae_fast_cpu: ", name, " (mode 1) has ", t->numel(),
-                " elements, expected ", n);
-    op.mode = ReadMode::Full;
-  } else {
-    TORCH_CHECK(inner >= 1 && count >= 1, "vae_fast_cpu: ", name,
-                " (mode 2) needs inner >= 1 and count >= 1, got ", inner, ", ", count);
-    TORCH_CHECK(t->numel() == count, "vae_fast_cpu: ", name, " (mode 2) has ", t->numel(),
-                " elements, expected count = ", count);
-    op.mode = ReadMode::Periodic;
-    op.inner = inner;
-    op.count = count;
-  }
-  return op;
 }
 
-Output grad_output(const c10::List<OptTensor>& grads, int idx, int64_t n, bool has_input) {
-  Output out;
-  OptTensor g = grads.get(idx);
-  if (!g.has_value() || !g->defined()) return out;
-  const char* name = kInputNames[idx];
-  TORCH_CHECK(has_input, "vae_fast_cpu: a gradient for ", name,
-              " was requested but ", name, " is not a tensor");
-  check_cpu_contig(*g, "grad");
-  TORCH_CHECK(is_float(g->scalar_type()), "vae_fast_cpu: grad of ", name,
-              " must be floating, got ", g->scalar_type());
-  TORCH_CHECK(g->numel() == n, "vae_fast_cpu: grad of ", name, " has ", g->numel(),
-              " elements, expected ", n);
-  out.data = g->data_ptr();
-  out.dtype = to_dtype(g->scalar_type());
+Outs fused_fwd_autograd(VAE_FAST_ARGS, int64_t needs) {
+  refuse_forward_ad({&x, &y, &rlv, &w, &pw, &mu, &lv, &pmu, &plv, &beta_t});
+  const bool track = torch::autograd::compute_requires_grad(x, y, rlv, w, pw, mu, lv, pmu, plv,
+                                                            beta_t);
+  Outs out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fused_fwd(VAE_FAST_FORWARD, needs);
+  }();
+  if (track) {
+    auto err = c10::make_intrusive<torch::autograd::Error>(
+        kTwice, torch::autograd::collect_next_edges(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t));
+    std::apply([&](auto&... t) { (torch::autograd::set_history(t, err), ...); }, out);
+  }
   return out;
 }
 
-void write_value(const Tensor& t, int64_t i, double v) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      t.data_ptr<float>()[i] = static_cast<float>(v);
-      break;
-    case at::kDouble:
-      t.data_ptr<double>()[i] = v;
-      break;
-    case at::kHalf:
-      t.data_ptr<at::Half>()[i] = static_cast<at::Half>(static_cast<float>(v));
-      break;
-    case at::kBFloat16:
-      t.data_ptr<at::BFloat16>()[i] = static_cast<at::BFloat16>(static_cast<float>(v));
-      break;
-    default:
-      TORCH_CHECK(false, "vae_fast_cpu: unsupported output dtype ", t.scalar_type());
+// ---- vae_fast::fused_loss: autograd ------------------------------------------------------------
+
+bool plain(const Tensor& t) {
+  // a tensor the in-place backward may write through a raw pointer: no tensor subclass
+  // (fake, functional), no functorch wrapper, on a device with a kernel
+  if (!t.defined()) return true;
+  constexpr auto wrappers = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                 c10::DispatchKey::Functionalize,
+                                                 c10::DispatchKey::FuncTorchBatched,
+                                                 c10::DispatchKey::FuncTorchGradWrapper});
+  return !t.key_set().has_any(wrappers) && (t.is_cpu() || t.is_cuda()) &&
+         t.layout() == at::kStrided;
+}
+
+struct FusedLossBackward : public torch::autograd::Node {
+  std::array<SavedVariable, kNumSlots> buf;  // the gradients the forward wrote
+  SavedVariable beta_t, kl;                  // a tensor beta, and the KL for its gradient
+  std::array<bool, kNumSlots> need{};
+  std::array<bool, kNumSlots> full{};  // the input has its stream's full shape
+  std::array<std::vector<c10::SymInt>, kNumSlots> shape;  // of the inputs
+  std::array<at::ScalarType, kNumSlots> dtype{};
+  RedMode red = kTotal;
+  c10::SymInt rows = 1;
+  double beta = 1.0;
+  bool has_beta_t = false;
+  Backend backend = kCpuBackend;
+
+  std::string name() const override {
+    return "vae_fast::FusedLossBackward";
   }
-}
 
-void check_out(const OptTensor& t, const char* name, int64_t n) {
-  if (!t.has_value() || !t->defined()) return;
-  check_cpu_contig(*t, name);
-  TORCH_CHECK(is_float(t->scalar_type()), "vae_fast_cpu: ", name, " must be floating, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->numel() == n, "vae_fast_cpu: ", name, " has ", t->numel(),
-              " elements, expected ", n);
-}
+  void release_variables() override {
+    for (SavedVariable& b : buf) b.reset_data();
+    beta_t.reset_data();
+    kl.reset_data();
+  }
 
-bool defined(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
+  variable_list apply(variable_list&& grads) override;
 
-// Inputs are never written: refuse a gradient buffer that shares memory with any of them.
-void check_no_overlap(const c10::List<OptTensor>& grads,
-                      std::initializer_list<const OptTensor*> inputs) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    OptTensor g = grads.get(i);
-    if (!defined(g) || g->numel() == 0) continue;
-    const char* g0 = static_cast<const char*>(g->data_ptr());
-    const char* g1 = g0 + g->numel() * g->element_size();
-    for (const OptTensor* t : inputs) {
-      if (!defined(*t) || (*t)->numel() == 0) continue;
-      const char* t0 = static_cast<const char*>((*t)->data_ptr());
-      const char* t1 = t0 + (*t)->numel() * (*t)->element_size();
-      TORCH_CHECK(g1 <= t0 || t1 <= g0, "vae_fast_cpu: the gradient buffer for ",
-                  kInputNames[i], " overlaps an input; inputs are never written");
+ private:
+  // d(outputs)/d(term) of one stream: weight * g_loss + g_term (a missing one counts 0)
+  static Tensor coefficient(const Tensor& g_loss, const Tensor& g_term, const Tensor& weight_t,
+                            double weight, const Tensor& like) {
+    if (!g_loss.defined()) return g_term.defined() ? g_term : at::zeros({}, like.options());
+    Tensor c = weight_t.defined() ? g_loss * weight_t : (weight != 1.0 ? g_loss * weight : g_loss);
+    return g_term.defined() ? c + g_term : c;
+  }
+};
+
+variable_list FusedLossBackward::apply(variable_list&& grads) {
+  Tensor g_loss = grads[0], g_nll = grads[1], g_kl = grads[2];
+  if (red == kPerElement) g_nll = g_kl = Tensor();  // placeholders: only the loss carries grads
+  // a stream whose outputs got no gradient contributes none (not 0 * a stored inf = nan)
+  const bool live[2] = {g_loss.defined() || g_nll.defined(), g_loss.defined() || g_kl.defined()};
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool keep = torch::autograd::get_current_graph_task_keep_graph();
+  const Tensor beta_tensor = has_beta_t ? beta_t.unpack() : Tensor();
+
+  std::array<Tensor, kNumSlots> b;
+  bool in_place = !grad_mode && plain(g_loss) && plain(g_nll) && plain(g_kl) && plain(beta_tensor);
+  for (int s = 0; s < kNumSlots; ++s) {
+    if (!need[s] || !task_should_compute_output(s) || !live[is_recon_slot(s) ? 0 : 1]) continue;
+    b[s] = buf[s].unpack();
+    in_place = in_place && plain(b[s]);
+  }
+
+  variable_list out(kNumSlots + 1);
+  std::vector<Tensor> scale_r, scale_k;  // full-size buffers scaled in place
+  std::array<bool, kNumSlots> scaled{};
+  Tensor coef_r, coef_k;
+  for (int s = 0; s < kNumSlots; ++s) {
+    if (!b[s].defined()) continue;
+    // full-size buffers of the input's own shape are scaled in place, all of a stream at
+    // once; a broadcast parameter's small summed buffer takes the plain-torch way below
+    if (in_place && full[s] && b[s].sym_sizes() == c10::SymIntArrayRef(shape[s])) {
+      // Scaled in place when the graph is freed after this backward (no second backward can
+      // read it); with retain_graph a copy, so the buffer stays intact and the gradient
+      // handed out is not the buffer a later backward reads.
+      if (keep) b[s] = b[s].clone();
+      (is_recon_slot(s) ? scale_r : scale_k).push_back(b[s]);
+      scaled[s] = true;
+      continue;
+    }
+    // plain torch: under torch.compile / torch.func / create_graph, and for the small summed
+    // buffers of broadcast parameters
+    if (!coef_r.defined()) {
+      coef_r = coefficient(g_loss, g_nll, Tensor(), 1.0, b[s]);
+      coef_k = coefficient(g_loss, g_kl, beta_tensor, beta, b[s]);
+    }
+    Tensor c = is_recon_slot(s) ? coef_r : coef_k;
+    if (red == kRows && c.dim() == 1) {
+      std::vector<c10::SymInt> view(b[s].dim(), 1);
+      view[0] = rows;
+      c = c.view_symint(view);
+    } else if (red == kPerElement && c.dim()) {
+      c = c.reshape_symint(b[s].sym_sizes());
+    }
+    out[s] = at::sum_to(b[s] * c, shape[s]).to(dtype[s]);
+  }
+  if (!scale_r.empty() || !scale_k.empty()) {
+    ScaleArgs a;
+    a.red = red;
+    a.rows = rows.expect_int();
+    a.backend = backend;
+    a.beta = beta;
+    a.beta_t = beta_tensor;
+    scale_in_place(a, scale_r, scale_k, g_loss, g_nll, g_kl);
+    for (int s = 0; s < kNumSlots; ++s) {
+      if (scaled[s]) out[s] = b[s].scalar_type() == dtype[s] ? b[s] : b[s].to(dtype[s]);
     }
   }
-}
-
-void fused_forward(const OptTensor& x, const OptTensor& y, const OptTensor& rlv,
-                   const OptTensor& w, const OptTensor& pw, const OptTensor& mu,
-                   const OptTensor& lv, const OptTensor& pmu, const OptTensor& plv, int64_t rows,
-                   int64_t row_len_r, int64_t row_len_k, at::IntArrayRef modes,
-                   at::IntArrayRef inners, at::IntArrayRef counts, at::ArrayRef<double> consts,
-                   int64_t kind, bool full, int64_t red_mode, double scale_r, double scale_k,
-                   double beta, const OptTensor& out_loss, const OptTensor& out_nll,
-                   const OptTensor& out_kl, const c10::List<OptTensor>& grads) {
-  TORCH_CHECK(kind >= 0 && kind <= 3, "vae_fast_cpu: kind must be 0..3, got ", kind);
-  TORCH_CHECK(red_mode >= 0 && red_mode <= 2, "vae_fast_cpu: red_mode must be 0..2, got ",
-              red_mode);
-  TORCH_CHECK(rows >= 0 && row_len_r >= 0 && row_len_k >= 0,
-              "vae_fast_cpu: rows and row lengths must be >= 0");
-  TORCH_CHECK(modes.size() == 6 && inners.size() == 6 && counts.size() == 6,
-              "vae_fast_cpu: modes, inners and counts need 6 entries (rlv, w, pw, lv, pmu, plv)");
-  TORCH_CHECK(consts.size() == 3, "vae_fast_cpu: consts needs 3 entries (rlv, pmu, plv)");
-  TORCH_CHECK(grads.size() == 9, "vae_fast_cpu: grads needs 9 entries, got ", grads.size());
-  const bool has_kl = defined(mu);
-  TORCH_CHECK(red_mode != kElementwise || !has_kl,
-              "vae_fast_cpu: the elementwise reduction has no KL stream");
-
-  check_no_overlap(grads, {&x, &y, &rlv, &w, &pw, &mu, &lv, &pmu, &plv});
-
-  bool acc_double = false;
-  for (const OptTensor* t : {&x, &y, &rlv, &w, &pw, &mu, &lv, &pmu, &plv}) {
-    if (defined(*t) && t->value().scalar_type() == at::kDouble) acc_double = true;
+  if (has_beta_t && g_loss.defined() && task_should_compute_output(kNumSlots)) {
+    // d(nll + beta * kl)/d(beta) = kl
+    out[kNumSlots] = (g_loss * kl.unpack(getptr())).sum().to(beta_tensor.scalar_type());
   }
-
-  ReconStream rs;
-  rs.kind = static_cast<int>(kind);
-  rs.full = full;
-  rs.scale = scale_r;
-  if (kind != kNoRecon) {
-    TORCH_CHECK(defined(x) && defined(y), "vae_fast_cpu: x and y are required when kind != 0");
-    const int64_t n = rows * row_len_r;
-    rs.n = n;
-    rs.row_len = row_len_r;
-    rs.x = main_operand(*x, "x", n, false);
-    rs.y = main_operand(*y, "y", n, kind != kGaussian);
-    rs.s = param_operand(rlv, "rlv", modes[0], inners[0], counts[0], consts[0], n);
-    rs.w = param_operand(w, "w", modes[1], inners[1], counts[1], 1.0, n);
-    rs.pw = param_operand(pw, "pw", modes[2], inners[2], counts[2], 1.0, n);
-    TORCH_CHECK(kind == kGaussian || rs.s.mode == ReadMode::Const,
-                "vae_fast_cpu: rlv is only used by the Gaussian likelihood");
-    TORCH_CHECK(kind != kGaussian || rs.w.mode == ReadMode::Const,
-                "vae_fast_cpu: the Gaussian likelihood takes no weight");
-    TORCH_CHECK(kind == kBernoulliLogits || rs.pw.mode == ReadMode::Const,
-                "vae_fast_cpu: pos_weight is only used with Bernoulli logits");
-    rs.gx = grad_output(grads, 0, n, true);
-    rs.gy = grad_output(grads, 1, n, true);
-    rs.gs = grad_output(grads, 2, n, rs.s.mode != ReadMode::Const);
-    rs.gw = grad_output(grads, 3, n, rs.w.mode != ReadMode::Const);
-    rs.gpw = grad_output(grads, 4, n, rs.pw.mode != ReadMode::Const);
-  } else {
-    TORCH_CHECK(!defined(x) && !defined(y), "vae_fast_cpu: kind 0 takes no x/y");
-    for (int i = 0; i < 5; ++i) {
-      OptTensor g = grads.get(i);
-      TORCH_CHECK(!g.has_value() || !g->defined(), "vae_fast_cpu: grad of ", kInputNames[i],
-                  " requested without a reconstruction stream");
+  if (grad_mode) {
+    // create_graph=True (torch.func.grad always asks for it): the gradients are right, but a
+    // second backward through them must raise, not see constants
+    auto err = c10::make_intrusive<torch::autograd::Error>(kTwice, torch::autograd::edge_list(next_edges()));
+    for (Tensor& t : out) {
+      if (t.defined()) torch::autograd::set_history(t, err);
     }
   }
+  return out;
+}
 
-  KLStream ks;
-  ks.present = has_kl;
-  ks.scale = scale_k;
-  if (has_kl) {
-    const int64_t m = rows * row_len_k;
-    ks.n = m;
-    ks.row_len = row_len_k;
-    ks.mu = main_operand(*mu, "mu", m, false);
-    ks.lv = param_operand(lv, "lv", modes[3], inners[3], counts[3], 0.0, m);
-    ks.pmu = param_operand(pmu, "pmu", modes[4], inners[4], counts[4], consts[1], m);
-    ks.plv = param_operand(plv, "plv", modes[5], inners[5], counts[5], consts[2], m);
-    ks.gmu = grad_output(grads, 5, m, true);
-    ks.glv = grad_output(grads, 6, m, ks.lv.mode != ReadMode::Const);
-    ks.gpmu = grad_output(grads, 7, m, ks.pmu.mode != ReadMode::Const);
-    ks.gplv = grad_output(grads, 8, m, ks.plv.mode != ReadMode::Const);
-  } else {
-    for (int i = 5; i < 9; ++i) {
-      OptTensor g = grads.get(i);
-      TORCH_CHECK(!g.has_value() || !g->defined(), "vae_fast_cpu: grad of ", kInputNames[i],
-                  " requested without a KL stream");
+std::tuple<Tensor, Tensor, Tensor> fused_loss_autograd(VAE_FAST_ARGS) {
+  const std::array<const OptTensor*, kNumSlots> in = {&x, &y, &rlv, &w, &pw, &mu, &lv, &pmu, &plv};
+  refuse_forward_ad({&x, &y, &rlv, &w, &pw, &mu, &lv, &pmu, &plv, &beta_t});
+  int64_t needs = 0;
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (int s = 0; s < kNumSlots && grad_mode; ++s) {
+    if (in[s]->has_value() && (*in[s])->defined() && (*in[s])->requires_grad()) needs |= 1 << s;
+  }
+  const bool beta_grad = grad_mode && beta_t.has_value() && beta_t->defined() &&
+                         beta_t->requires_grad();
+  c10::intrusive_ptr<FusedLossBackward> node;
+  if (needs || beta_grad) {
+    node = c10::make_intrusive<FusedLossBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, y, rlv, w, pw, mu, lv, pmu, plv,
+                                                             beta_t));
+  }
+  Outs o = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fused_fwd(VAE_FAST_FORWARD, needs);
+  }();
+  Tensor loss = std::get<0>(o), nll = std::get<1>(o), kl = std::get<2>(o);
+  if (node) {
+    torch::autograd::set_history(loss, node);
+    torch::autograd::set_history(nll, node);
+    torch::autograd::set_history(kl, node);
+    const Tensor bufs[kNumSlots] = {std::get<3>(o), std::get<4>(o),  std::get<5>(o),
+                                    std::get<6>(o), std::get<7>(o),  std::get<8>(o),
+                                    std::get<9>(o), std::get<10>(o), std::get<11>(o)};
+    for (int s = 0; s < kNumSlots; ++s) {
+      if (!((needs >> s) & 1)) continue;
+      node->need[s] = true;
+      node->buf[s] = SavedVariable(bufs[s], /*is_output=*/false);
+      const Tensor& t = **in[s];
+      node->full[s] = t.sym_sizes() == in[partner_of(s)]->value().sym_sizes();
+      node->shape[s] = std::vector<c10::SymInt>(t.sym_sizes().begin(), t.sym_sizes().end());
+      node->dtype[s] = t.scalar_type();
+    }
+    const Reduction r = static_cast<Reduction>(reduction);
+    node->red = red_mode_of(r);
+    const Tensor& main = kind != kNone ? get(x) : get(mu);
+    node->rows = node->red == kRows ? main.sym_size(0) : c10::SymInt(1);
+    node->beta = beta;
+    node->backend = static_cast<Backend>(backend);
+    if (beta_t.has_value() && beta_t->defined()) {
+      node->has_beta_t = true;
+      node->beta_t = SavedVariable(*beta_t, /*is_output=*/false);
+      if (beta_grad) node->kl = SavedVariable(kl, /*is_output=*/true);
     }
   }
-
-  const int64_t n_out = red_mode == kTotal ? 1 : (red_mode == kRows ? rows : rows * row_len_r);
-  // In ELEMENTWISE mode an output with no elements means "not wanted" (the nll/kl terms
-  // have no per-element form worth storing twice).
-  auto wanted = [&](const OptTensor& t) {
-    return defined(t) && (red_mode != kElementwise || t->numel() > 0);
-  };
-  const OptTensor none;
-  const OptTensor& o_loss = wanted(out_loss) ? out_loss : none;
-  const OptTensor& o_nll = wanted(out_nll) ? out_nll : none;
-  const OptTensor& o_kl = wanted(out_kl) ? out_kl : none;
-  check_out(o_loss, "out_loss", n_out);
-  check_out(o_nll, "out_nll", n_out);
-  check_out(o_kl, "out_kl", n_out);
-  if (red_mode == kElementwise) {
-    TORCH_CHECK(kind != kNoRecon, "vae_fast_cpu: the elementwise reduction needs a "
-                                  "reconstruction stream");
-    // the per-element loss goes to out_loss, or to out_nll when only that is given
-    const OptTensor& elem = defined(o_loss) ? o_loss : o_nll;
-    if (defined(elem)) {
-      rs.elem_loss.data = elem->data_ptr();
-      rs.elem_loss.dtype = to_dtype(elem->scalar_type());
-    }
-  }
-
-  std::vector<double> sums_r, sums_k;
-  fused_forward_kernel(rs, ks, static_cast<int>(red_mode), rows, acc_double, sums_r, sums_k);
-
-  if (red_mode == kElementwise) {
-    if (defined(o_loss) && defined(o_nll)) o_nll->copy_(*o_loss);
-    if (defined(o_kl)) o_kl->zero_();
-    return;
-  }
-  for (int64_t i = 0; i < n_out; ++i) {
-    const double nll = scale_r * sums_r[i];
-    const double kl = scale_k * sums_k[i];
-    if (defined(o_nll)) write_value(*o_nll, i, nll);
-    if (defined(o_kl)) write_value(*o_kl, i, kl);
-    if (defined(o_loss)) write_value(*o_loss, i, nll + beta * kl);
-  }
+  return {loss, nll, kl};
 }
 
-// Per-stream coefficients of scale_: scalar, per row, or per element.
-double read_coef(const OptTensor& t, int64_t i) {
-  if (!defined(t)) return 0.0;
-  if (t->scalar_type() == at::kDouble) return t->data_ptr<double>()[i];
-  return static_cast<double>(t->data_ptr<float>()[i]);
+// The plan's numbers for a call, without running it (tests: the host rules, on meta tensors
+// of any size): ints = rows, row_len_r, row_len_k, reduction mode, float64 accumulation,
+// memory order of the two streams, then per slot its read mode, inner and count; floats =
+// scale_r, scale_k.
+std::tuple<std::vector<int64_t>, std::vector<double>> plan_info(VAE_FAST_ARGS, int64_t needs) {
+  const Call c = make_call(VAE_FAST_FORWARD, needs);
+  const Plan p = make_plan(c);
+  const Geometry g = geometry(p, c);
+  std::vector<int64_t> ints = {g.rows, g.row_len_r, g.row_len_k, p.red_mode,
+                               p.acc == at::kDouble, p.memory_order[0], p.memory_order[1]};
+  for (int s = 0; s < kNumSlots; ++s) ints.push_back(p.read[s].mode);
+  for (int s = 0; s < kNumSlots; ++s) ints.push_back(g.inner[s]);
+  for (int s = 0; s < kNumSlots; ++s) ints.push_back(g.count[s]);
+  return {ints, {g.scale_r, g.scale_k}};
 }
 
-void check_coef(const OptTensor& t, const char* name, int64_t n) {
-  if (!defined(t)) return;
-  check_cpu_contig(*t, name);
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
-              "vae_fast_cpu: ", name, " must be float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK(t->numel() == n, "vae_fast_cpu: ", name, " has ", t->numel(),
-              " elements, expected ", n);
-}
-
-void scale_buffers(at::TensorList bufs, int64_t n, int64_t row_len, int64_t rows, int red_mode,
-                   const OptTensor& ga, double ca, const OptTensor& gb, const char* what) {
-  if (bufs.empty()) return;
-  for (const Tensor& b : bufs) {
-    check_cpu_contig(b, what);
-    TORCH_CHECK(is_float(b.scalar_type()), "vae_fast_cpu: ", what, " must be floating, got ",
-                b.scalar_type());
-    TORCH_CHECK(b.numel() == n, "vae_fast_cpu: ", what, " has ", b.numel(),
-                " elements, expected ", n);
-  }
-  ScaleSpec spec;
-  std::vector<double> coef;
-  if (red_mode == kElementwise) {
-    TORCH_CHECK(ca == 1.0, "vae_fast_cpu: elementwise scaling takes no beta");
-    TORCH_CHECK(!defined(ga) || !defined(gb) ||
-                    ga->scalar_type() == gb->scalar_type(),
-                "vae_fast_cpu: elementwise grad_outputs must share a dtype");
-    spec.elementwise = true;
-    spec.elem_a = defined(ga) ? ga->data_ptr() : nullptr;
-    spec.elem_b = defined(gb) ? gb->data_ptr() : nullptr;
-    const OptTensor& any = defined(ga) ? ga : gb;
-    spec.elem_dtype = defined(any) && any->scalar_type() == at::kDouble ? DType::Double
-                                                                        : DType::Float;
-    if (!defined(ga) && !defined(gb)) {
-      for (const Tensor& b : bufs) b.zero_();
-      return;
-    }
-  } else {
-    const int64_t nc = red_mode == kTotal ? 1 : rows;
-    coef.resize(static_cast<size_t>(nc));
-    for (int64_t r = 0; r < nc; ++r) coef[r] = ca * read_coef(ga, r) + read_coef(gb, r);
-    spec.coef = coef.data();
-    spec.n_coef = nc;
-    spec.row_len = row_len;
-  }
-  for (const Tensor& b : bufs) scale_kernel(b.data_ptr(), to_dtype(b.scalar_type()), n, spec);
-}
-
-void scale_(at::TensorList bufs_r, at::TensorList bufs_k, const OptTensor& g_loss,
-            const OptTensor& g_nll, const OptTensor& g_kl, double beta, int64_t red_mode,
-            int64_t rows, int64_t row_len_r, int64_t row_len_k) {
-  TORCH_CHECK(red_mode >= 0 && red_mode <= 2, "vae_fast_cpu: red_mode must be 0..2, got ",
-              red_mode);
-  TORCH_CHECK(rows >= 0 && row_len_r >= 0 && row_len_k >= 0,
-              "vae_fast_cpu: rows and row lengths must be >= 0");
-  const int64_t n = rows * row_len_r;
-  const int64_t m = rows * row_len_k;
-  const int64_t n_coef = red_mode == kTotal ? 1 : (red_mode == kRows ? rows : n);
-  check_coef(g_loss, "g_loss", n_coef);
-  check_coef(g_nll, "g_nll", n_coef);
-  check_coef(g_kl, "g_kl", n_coef);
-  if (red_mode == kElementwise) {
-    TORCH_CHECK(bufs_k.empty(), "vae_fast_cpu: the elementwise reduction has no KL stream");
-  }
-  // c_r = g_loss + g_nll ; c_k = beta * g_loss + g_kl
-  scale_buffers(bufs_r, n, row_len_r, rows, static_cast<int>(red_mode), g_loss, 1.0, g_nll,
-                "bufs_r");
-  scale_buffers(bufs_k, m, row_len_k, rows, static_cast<int>(red_mode), g_loss, beta, g_kl,
-                "bufs_k");
+// Without autograd (inference mode, or below it): the pass without gradients.
+std::tuple<Tensor, Tensor, Tensor> fused_loss_plain(VAE_FAST_ARGS) {
+  Outs o = call_fused_fwd(VAE_FAST_FORWARD, 0);
+  return {std::get<0>(o), std::get<1>(o), std::get<2>(o)};
 }
 
 }  // namespace
 }  // namespace vae_fast
 
-TORCH_LIBRARY(vae_fast_cpu, m) {
+TORCH_LIBRARY(vae_fast, m) {
+  using std::string;
+  m.def(("fused_loss(" + string(vae_fast::kSchemaArgs) +
+         ") -> (Tensor loss, Tensor nll, Tensor kl)").c_str());
+  m.def(("fused_fwd(" + string(vae_fast::kSchemaArgs) +
+         ", int needs) -> (Tensor loss, Tensor nll, Tensor kl, Tensor g_x, Tensor g_y, "
+         "Tensor g_rlv, Tensor g_w, Tensor g_pw, Tensor g_mu, Tensor g_lv, Tensor g_pmu, "
+         "Tensor g_plv)").c_str());
+  m.def(("plan(" + string(vae_fast::kSchemaArgs) + ", int needs) -> (int[], float[])").c_str());
   m.def(
-      "fused_forward(Tensor? x, Tensor? y, Tensor? rlv, Tensor? w, Tensor? pw, Tensor? mu, "
-      "Tensor? lv, Tensor? pmu, Tensor? plv, int rows, int row_len_r, int row_len_k, "
-      "int[] modes, int[] inners, int[] counts, float[] consts, int kind, bool full, "
-      "int red_mode, float scale_r, float scale_k, float beta, Tensor(a!)? out_loss, "
-      "Tensor(b!)? out_nll, Tensor(c!)? out_kl, Tensor(d!)?[] grads) -> ()");
+      "triton_fwd(Tensor? x, Tensor? y, Tensor? rlv, Tensor? w, Tensor? pw, Tensor? mu, "
+      "Tensor? lv, Tensor? pmu, Tensor? plv, Tensor? beta_t, Tensor(a!) out_loss, "
+      "Tensor(b!) out_nll, Tensor(c!) out_kl, Tensor(d!)?[] grads, int[] ints, float[] floats) "
+      "-> ()");
   m.def(
-      "scale_(Tensor(a!)[] bufs_r, Tensor(b!)[] bufs_k, Tensor? g_loss, Tensor? g_nll, "
-      "Tensor? g_kl, float beta, int red_mode, int rows, int row_len_r, int row_len_k) -> ()");
+      "triton_scale(Tensor(a!)[] bufs_r, Tensor(b!)[] bufs_k, Tensor? g_loss, Tensor? g_nll, "
+      "Tensor? g_kl, Tensor? beta_t, int[] ints, float beta) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(vae_fast_cpu, CPU, m) {
-  m.impl("fused_forward", &vae_fast::fused_forward);
-  m.impl("scale_", &vae_fast::scale_);
+TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) {
+  m.impl("fused_loss", &vae_fast::fused_loss_autograd);
+  m.impl("fused_fwd", &vae_fast::fused_fwd_autograd);
+}
+
+TORCH_LIBRARY_IMPL(vae_fast, CompositeExplicitAutograd, m) {
+  m.impl("fused_loss", &vae_fast::fused_loss_plain);
+  m.impl("plan", &vae_fast::plan_info);
+}
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("fused_fwd", &vae_fast::fused_fwd_kernel);
+}
+
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) {
+  m.impl("fused_fwd", &vae_fast::fused_fwd_kernel);
+}
+
+TORCH_LIBRARY_IMPL(vae_fast, Meta, m) {
+  m.impl("fused_fwd", &vae_fast::fused_fwd_meta);
 }

@@ -23,9 +23,10 @@
 #pragma once
 
 // Pick the widest at::vec implementation that this translation unit is
-// compiled for (-march=native decides).  The inline namespace gets its own
-// name so our instantiations can never be confused with libtorch's own
-// AVX2/AVX512 copies of the same inline functions.
+// compiled for (its -m flags decide: setup.py builds kernels_impl.h once per
+// instruction set).  ATen's inline namespace, and ours below, get the build's
+// own name, so no function compiled for one instruction set can stand in for
+// another's (or for libtorch's own AVX2/AVX512 copies) at link time.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__) && !defined(VAE_FAST_NO_AVX512)
 #define CPU_CAPABILITY_AVX512 1
@@ -44,6 +45,7 @@
 #include <cstdint>
 
 namespace vae_fast {
+namespace CPU_CAPABILITY {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -204,8 +206,11 @@ C10_ALWAYS_INLINE void expm1_pair_f32(Vf d, Vf& em1, Vf& em1_minus_d) {
   // d = -inf gives expm1(d) - d = +inf like the unfused formula
   const Vf dc = min_keep_nan(max_keep_nan(d, Vf(-104.f)), Vf(89.f));
   ExpParts p = exp_parts_f32(dc);
-  Vf s = ldexp_f32(Vf(1.f), p.n);                            // 2^n, exact
-  em1 = at::vec::fmadd(s, p.r + p.h, s - Vf(1.f));         // 2^n*expm1(r) + (2^n - 1)
+  const Vf s = ldexp_f32(Vf(1.f), min_keep_nan(p.n, Vf(64.f)));  // 2^n, exact
+  const Vf em1_small = at::vec::fmadd(s, p.r + p.h, s - Vf(1.f));  // 2^n*expm1(r) + (2^n - 1)
+  // From n = 64 on the -1 is far below an ulp, and 2^n itself overflows at n = 128 (d in
+  // [88.38, 88.72], where expm1(d) is still finite): there exp(d) is formed as exp_f32 does.
+  em1 = select(lt(p.n, Vf(64.f)), em1_small, ldexp_f32(Vf(1.f) + (p.r + p.h), p.n));
   auto small = lt(d.abs(), Vf(0.34657359f));               // n == 0
   em1_minus_d = select(small, p.h, em1 - d);
 }
@@ -369,4 +374,5 @@ struct SumAcc<float> {
 #endif
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace vae_fast

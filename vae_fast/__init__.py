@@ -1,5 +1,6 @@
 """vae_fast: fused VAE losses (negative ELBO, Bernoulli/Gaussian NLL, Gaussian KL) with
 hand-written backward passes, on Triton (CUDA) and C++ (CPU) kernels."""
+from . import _ext  # noqa: F401  (loads the compiled operators first)
 from ._backend import use_backend
 from ._common import ELBOTerms
 from .functional import (

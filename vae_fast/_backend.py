@@ -1,8 +1,8 @@
 """Backend choice: `VAE_FAST_BACKEND` or `vae_fast.use_backend(name)`.
 
-"auto": CUDA tensors use Triton; CPU tensors use the C++ extension when it builds, else the
-reference (with one warning). A forced backend never falls back: what it cannot handle raises
-`NotImplementedError`.
+"auto": CUDA tensors use Triton; CPU tensors use the C++ kernels; other devices (and a missing
+extension, after one warning) use the reference. A forced backend never falls back: what it
+cannot handle raises `NotImplementedError`.
 """
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import warnings
 
 import torch
 
+from . import _ext
+from ._enums import Backend
+
 BACKENDS = ("auto", "triton", "cpu", "reference")
 ENV = "VAE_FAST_BACKEND"
 _stack: list = []  # use_backend's nesting (a plain list: torch.compile traces reads of it)
 _warned = False
+_CPU, _TRITON = int(Backend.CPU), int(Backend.TRITON)
 
 
 def _check(name, source: str = "vae_fast backend") -> str:
@@ -42,65 +46,49 @@ def use_backend(name: str):
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from . import triton_kernels
-
-    return isinstance(triton_kernels._fused_loss_fwd_kernel, InterpretedFunction)
+    return device.type in _ext.triton_devices
 
 
 def cpu_extension():
-    """The C++ extension module, or None with the reason (builds it on first use)."""
-    why = _cpu_unavailable()
-    if why:
-        return None, why
-    from . import _cpu
-
-    return _cpu, ""
+    """(vae_fast._C, "") when the compiled extension is loaded, else (None, why not)."""
+    return _ext.module, _ext.reason
 
 
-@torch.compiler.assume_constant_result
-def _cpu_unavailable() -> str:
-    """"" when the C++ extension loads, else why not. torch.compile calls this eagerly while it
-    traces (the first vae_fast call may be inside a compiled step) and keeps the answer."""
-    try:
-        from . import _cpu
-    except ImportError as e:  # pragma: no cover - the module ships with the package
-        return f"vae_fast._cpu could not be imported: {e}"
-    return "" if _cpu.available() else _cpu.unavailable_reason()
+def _unavailable(name: str):
+    return NotImplementedError(f"vae_fast: the {name} backend is unavailable: {_ext.reason}")
+
+
+def code(device: torch.device):
+    """The op's backend code for tensors on `device` (a Backend), or None: the reference.
+
+    Raises NotImplementedError for a forced backend that cannot run there. (The Triton
+    backend on CPU tensors without TRITON_INTERPRET=1 is refused by the op itself.)"""
+    global _warned
+    name = _stack[-1] if _stack else current()
+    if name == "reference":
+        return None
+    kind = device.type
+    if name == "auto":
+        if _ext.module is not None:
+            if kind == "cpu":
+                return _CPU
+            if kind == "cuda" and "cuda" in _ext.triton_devices:
+                return _TRITON
+        if kind in ("cpu", "cuda") and not _warned:
+            _warned = True
+            why = _ext.reason or "Triton is not installed"
+            warnings.warn(f"vae_fast: the fused kernels are unavailable on {kind} ({why}); "
+                          "these tensors use the reference implementation", RuntimeWarning,
+                          stacklevel=3)
+        return None
+    if kind not in ("cpu", "cuda") or (name == "cpu" and kind != "cpu"):
+        raise NotImplementedError(f"vae_fast: the {name} backend cannot run on {device}")
+    if _ext.module is None:
+        raise _unavailable(name)
+    return _CPU if name == "cpu" else _TRITON
 
 
 def resolve(device: torch.device) -> str:
-    """The backend that will run for tensors on `device`: "triton", "cpu" or "reference"."""
-    global _warned
-    name = current()
-    if name == "reference":
-        return name
-    if name == "triton":
-        if not triton_runs_on(device):
-            hint = " (set TRITON_INTERPRET=1 before importing vae_fast)" if device.type == "cpu" else ""
-            raise NotImplementedError(f"vae_fast: the triton backend cannot run on {device}{hint}")
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise NotImplementedError(f"vae_fast: the cpu backend cannot run on {device}")
-        why = _cpu_unavailable()
-        if why:
-            raise NotImplementedError(f"vae_fast: the cpu backend is unavailable: {why}")
-        return name
-    # auto
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu":
-        why = _cpu_unavailable()
-        if not why:
-            return "cpu"
-        if not _warned:
-            _warned = True
-            warnings.warn(f"vae_fast: the C++ CPU extension is unavailable ({why}); "
-                          "CPU tensors use the reference implementation", RuntimeWarning, stacklevel=3)
-    return "reference"
+    """The backend that runs for tensors on `device`: "triton", "cpu" or "reference"."""
+    c = code(device)
+    return "reference" if c is None else ("cpu" if c == _CPU else "triton")

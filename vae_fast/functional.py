@@ -1,130 +1,121 @@
-"""The public losses. Each checks its arguments (vae_fast._common), then runs on the backend
-that `vae_fast._backend.resolve` picks: the fused op (vae_fast.ops) or the reference twin.
+"""The public losses: argument sugar around one C++ operator, `vae_fast::fused_loss`.
 
-Eager CPU calls of the common case take a shortcut first (`_fast`): one C++ call that checks,
-allocates, runs the same fused kernel and attaches a C++ autograd node, with no Python
-`autograd.Function` on the way in or out (csrc/eager.cpp). Anything it does not cover, bad
-arguments included, goes the general way."""
+Each function turns its Python arguments into the op's (option strings to codes, numbers or
+tensors for each parameter, the backend) and calls the op; the op checks the tensors, plans the
+call, runs the fused kernel and registers its autograd node, all in C++ (csrc/plan.cpp,
+csrc/ops.cpp). Errors for bad tensors come from there, worded as vae_fast._common words them
+for the reference twin (vae_fast.reference), which the "reference" backend runs.
+"""
 from __future__ import annotations
-
-import os
 
 import torch
 
-from . import _backend, _common as C, _cpu, ops, reference
-from ._common import ELBOTerms, Problem
+from . import _backend, _common as C, _ext, reference
+from ._common import ELBOTerms
+from ._enums import Api, Likelihood, Reduction
 
-_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
-_functorch_active = torch._C._are_functorch_transforms_active
-_jit_tracing = torch._C._get_tracing_state  # a pybind call is invisible to torch.jit.trace
-_dispatch_modes = torch._C._len_torch_dispatch_stack  # ... and to make_fx / any other mode
-_function_modes = torch._C._len_torch_function_stack
-_KINDS = {"bernoulli": 1, "bernoulli_probs": 2, "gaussian": 3}
-_REDUCTIONS = {"sum": 0, "batchmean": 1, "mean": 2, "none": 3}
-_ELBO_REDUCTIONS = {"sum": 0, "batchmean": 1, "none": 3}
-_TORCH_REDUCTIONS = {"sum": 0, "mean": 2}  # the drop-in BCE's "none" is elementwise: general
+_Tensor = torch.Tensor
+_op = torch.ops.vae_fast.fused_loss.default if _ext.module is not None else None
 
-
-def _fast(kind, x, y, rlv, mu, lv, pmu, plv, full, reduction, reductions, beta):
-    """[loss, nll, kl] from the C++ eager path, or None: not its case, take the general path.
-
-    Its case: nothing that must see the ops (torch.compile, torch.jit.trace, make_fx or any
-    other dispatch or torch-function mode), backend "auto" or "cpu" with the extension loaded,
-    plain tensors (no subclass), parameters that are tensors, floats or None, a valid
-    reduction, a non-negative real beta; csrc/eager.cpp checks the tensors themselves (dtypes,
-    shapes, layout, device)."""
-    if torch.compiler.is_compiling():
-        return None
-    op = _cpu.eager_op
-    if (op is None or type(reduction) is not str or _functorch_active() or _jit_tracing()
-            or _dispatch_modes() or _function_modes()):
-        return None
-    red = reductions.get(reduction)
-    backend = _backend._stack[-1] if _backend._stack else os.environ.get(_backend.ENV) or "auto"
-    if red is None or (backend != "auto" and backend != "cpu"):
-        return None
-    tb = type(beta)
-    if not ((tb is float and beta >= 0.0) or (tb is int and 0 <= beta <= 1 << 53)):
-        return None
-    for t in (x, y, mu, lv):
-        if t is not None and type(t) is not _Tensor and type(t) is not _Parameter:
-            return None
-    consts = [0.0, 0.0, 0.0]
-    params = [rlv, pmu, plv]
-    for i in range(3):
-        p = params[i]
-        tp = type(p)
-        if tp is float:
-            consts[i], params[i] = p, None
-        elif p is not None and tp is not _Tensor and tp is not _Parameter:
-            return None
-    out = op(x, y, params[0], mu, lv, params[1], params[2], kind, full, red, float(beta), *consts)
-    return out or None
+_KINDS = {"bernoulli": int(Likelihood.BERNOULLI), "bernoulli_probs": int(Likelihood.BERNOULLI_PROBS),
+          "gaussian": int(Likelihood.GAUSSIAN)}
+_VAE_REDUCTIONS = {"batchmean": int(Reduction.BATCHMEAN), "sum": int(Reduction.SUM),
+                   "mean": int(Reduction.MEAN), "none": int(Reduction.PER_SAMPLE)}
+_ELBO_REDUCTIONS = {k: v for k, v in _VAE_REDUCTIONS.items() if k != "mean"}
+_TORCH_REDUCTIONS = {"mean": int(Reduction.MEAN), "sum": int(Reduction.SUM),
+                     "none": int(Reduction.ELEMENTWISE)}
+_NONE, _GAUSSIAN = int(Likelihood.NONE), int(Likelihood.GAUSSIAN)
+_BERNOULLI, _PROBS = int(Likelihood.BERNOULLI), int(Likelihood.BERNOULLI_PROBS)
+_ELBO, _BNLL, _GNLL, _GKL = int(Api.ELBO_LOSS), int(Api.BERNOULLI_NLL), int(Api.GAUSSIAN_NLL), int(Api.GAUSSIAN_KL)
+_BCE_LOGITS, _BCE = int(Api.BCE_WITH_LOGITS), int(Api.BCE)
 
 
-def _tensor_or_none(p):
-    return p if isinstance(p, torch.Tensor) else None
+def _reduction(reduction, table: dict, allowed: tuple) -> int:
+    code = table.get(reduction) if type(reduction) is str else None
+    if code is None:
+        C.check_reduction(reduction, allowed)  # raises
+    return code
 
 
-def _const(p, default=0.0) -> float:
-    return p if isinstance(p, float) else default
+def _tensor(name: str, t):
+    if not isinstance(t, _Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
 
 
-def compute(p: Problem):
-    main = p.x if p.x is not None else p.mu
-    backend = _backend.resolve(main.device)
-    if backend == "reference":
-        return reference.compute(p)
-    if _jit_tracing():
-        raise RuntimeError(
-            "vae_fast: torch.jit.trace cannot record the fused kernels; use torch.compile or "
-            "torch.export, or trace inside vae_fast.use_backend('reference')")
-    lv = p.lv
-    if isinstance(lv, float):  # a fixed posterior log-variance: read as a broadcast scalar
-        acc = C.acc_dtype(p.x, p.y, p.rlv, p.w, p.pw, p.mu, p.pmu, p.plv)
-        lv = torch.full((), lv, dtype=acc, device=p.mu.device)
-    tensors = (p.x, p.y, _tensor_or_none(p.rlv), p.w, p.pw, p.mu, lv,
-               _tensor_or_none(p.pmu), _tensor_or_none(p.plv))
-    grad_on = torch.is_grad_enabled()
-    needs = [bool(grad_on and t is not None and t.requires_grad) for t in tensors]
-    beta_t = _tensor_or_none(p.beta)
-    out = ops.call_fused_loss(*tensors, beta_t, kind=p.kind, reduction=p.reduction, full=p.full,
-                         rlv_const=_const(p.rlv), pmu_const=_const(p.pmu), plv_const=_const(p.plv),
-                         beta=1.0 if beta_t is not None else p.beta, needs=needs, backend=backend)
-    if not torch.compiler.is_compiling():  # compiled graphs scale with a fused multiply
-        ops.donate_grad_buffers(out)
-    loss, nll, kl = out[:3]
-    return ELBOTerms(loss, nll, kl) if p.return_terms else loss
+def _param(name: str, p, *, allow_none: bool = True, default: float = 0.0):
+    """A parameter argument as (tensor or None, number): a tensor, a real number or None."""
+    if type(p) is float:
+        return None, p
+    if p is None and allow_none:
+        return None, default
+    if isinstance(p, _Tensor):
+        return p, default
+    return None, C.check_param(name, p, None, None, allow_none=allow_none)  # a number, or raises
+
+
+def _beta(beta):
+    if type(beta) is float and beta >= 0.0:
+        return None, beta
+    beta = C.check_beta(beta)
+    return (beta, 1.0) if isinstance(beta, _Tensor) else (None, beta)
+
+
+def _weight(name: str, p):
+    if p is None or isinstance(p, _Tensor):
+        return p
+    C.check_param(name, p, None, None)
+    raise TypeError(f"{name} must be a tensor or None, got float")
+
+
+def _code(main, parse):
+    """The backend code for `main`'s device (None: the reference). Where a forced backend
+    cannot run, bad arguments still raise their own ValueError/TypeError first (`parse`, the
+    reference's checks), then the NotImplementedError."""
+    try:
+        return _backend.code(main.device)
+    except NotImplementedError:
+        parse()
+        raise
 
 
 def bernoulli_nll(logits, target, *, reduction="batchmean"):
     """Bernoulli negative log-likelihood from logits, summed per pixel:
     `softplus(z) - y*z = max(z,0) - y*z + log1p(exp(-|z|))`. `target` may be bool."""
-    out = _fast(1, logits, target, None, None, None, None, None, False, reduction, _REDUCTIONS, 1.0)
-    if out is not None:
-        return out[0]
-    return compute(C.parse_bernoulli_nll(logits, target, reduction))
+    red = _reduction(reduction, _VAE_REDUCTIONS, C.VAE_REDUCTIONS)
+    backend = _code(_tensor("logits", logits), lambda: C.parse_bernoulli_nll(logits, target, reduction))
+    if backend is None:
+        return reference.bernoulli_nll(logits, target, reduction=reduction)
+    return _op(logits, _tensor("target", target), None, None, None, None, None, None, None, None,
+               _BNLL, _BERNOULLI, red, False, 0.0, 0.0, 0.0, 0.0, 1.0, backend)[0]
 
 
 def gaussian_nll(mean, target, logvar=0.0, *, full=True, reduction="batchmean"):
     """Gaussian negative log-likelihood with log-variance `s` (a number, or a tensor that
     broadcasts to `mean`): `0.5*(s + (y-m)^2*exp(-s))` (+ `0.5*log(2*pi)` when `full`)."""
-    if logvar is not None and type(full) is bool:
-        out = _fast(3, mean, target, logvar, None, None, None, None, full, reduction, _REDUCTIONS, 1.0)
-        if out is not None:
-            return out[0]
-    return compute(C.parse_gaussian_nll(mean, target, logvar, full, reduction))
+    red = _reduction(reduction, _VAE_REDUCTIONS, C.VAE_REDUCTIONS)
+    backend = _code(_tensor("mean", mean),
+                    lambda: C.parse_gaussian_nll(mean, target, logvar, full, reduction))
+    if backend is None:
+        return reference.gaussian_nll(mean, target, logvar, full=full, reduction=reduction)
+    rlv, rlv_c = _param("logvar", logvar, allow_none=False)
+    return _op(mean, _tensor("target", target), rlv, None, None, None, None, None, None, None,
+               _GNLL, _GAUSSIAN, red, bool(full), rlv_c, 0.0, 0.0, 0.0, 1.0, backend)[0]
 
 
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batchmean"):
     """`KL(N(mu, e^s) || N(mu_p, e^s_p)) = 0.5*(expm1(s-s_p) - (s-s_p) + (mu-mu_p)^2*exp(-s_p))`,
     prior None = N(0, I); prior tensors may broadcast (a learned per-feature `(Z,)` prior)."""
-    if logvar is not None:
-        out = _fast(0, None, None, None, mu, logvar, prior_mu, prior_logvar, False, reduction,
-                    _REDUCTIONS, 1.0)
-        if out is not None:
-            return out[0]
-    return compute(C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction))
+    red = _reduction(reduction, _VAE_REDUCTIONS, C.VAE_REDUCTIONS)
+    backend = _code(_tensor("mu", mu),
+                    lambda: C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction))
+    if backend is None:
+        return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction=reduction)
+    lv, lv_c = _param("logvar", logvar, allow_none=False)
+    pmu, pmu_c = _param("prior_mu", prior_mu)
+    plv, plv_c = _param("prior_logvar", prior_logvar)
+    return _op(None, None, None, None, None, mu, lv, pmu, plv, None, _GKL, _NONE, red, False,
+               0.0, lv_c, pmu_c, plv_c, 1.0, backend)[0]
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
@@ -138,33 +129,51 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted.
     """
     kind = _KINDS.get(likelihood) if type(likelihood) is str else None
-    if kind is not None and (kind == 3 or recon_logvar is None) and logvar is not None:
-        out = _fast(kind, recon, target, recon_logvar, mu, logvar, prior_mu, prior_logvar, True,
-                    reduction, _ELBO_REDUCTIONS, beta)
-        if out is not None:
-            return ELBOTerms(*out) if return_terms else out[0]
-    return compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
-                                prior_logvar, beta, reduction, return_terms))
+    if kind is None:
+        C.check_likelihood(likelihood)  # raises
+    red = _reduction(reduction, _ELBO_REDUCTIONS, C.ELBO_REDUCTIONS)
+    beta_t, beta_c = _beta(beta)
+    backend = _code(_tensor("recon", recon), lambda: C.parse_elbo(
+        recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, prior_logvar, beta,
+        reduction, return_terms))
+    if backend is None:
+        return reference.elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
+                                   recon_logvar=recon_logvar, prior_mu=prior_mu,
+                                   prior_logvar=prior_logvar, beta=beta, reduction=reduction,
+                                   return_terms=return_terms)
+    if recon_logvar is not None and kind != _GAUSSIAN:
+        raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+    rlv, rlv_c = _param("recon_logvar", recon_logvar)
+    lv, lv_c = _param("logvar", logvar, allow_none=False)
+    pmu, pmu_c = _param("prior_mu", prior_mu)
+    plv, plv_c = _param("prior_logvar", prior_logvar)
+    out = _op(recon, _tensor("target", target), rlv, None, None, _tensor("mu", mu), lv, pmu, plv,
+              beta_t, _ELBO, kind, red, True, rlv_c, lv_c, pmu_c, plv_c, beta_c, backend)
+    return ELBOTerms(*out) if return_terms else out[0]
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
     """Drop-in for `torch.nn.functional.binary_cross_entropy_with_logits` (same arguments and
     reductions, "none" elementwise); the result is float32 for 16-bit inputs."""
-    if weight is None and pos_weight is None:
-        out = _fast(1, input, target, None, None, None, None, None, False, reduction,
-                    _TORCH_REDUCTIONS, 1.0)
-        if out is not None:
-            return out[0]
-    return compute(C.parse_bce(input, target, weight, reduction, pos_weight, logits=True))
+    red = _reduction(reduction, _TORCH_REDUCTIONS, C.TORCH_REDUCTIONS)
+    backend = _code(_tensor("input", input), lambda: C.parse_bce(
+        input, target, weight, reduction, pos_weight, logits=True))
+    if backend is None:
+        return reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+    w, pw = _weight("weight", weight), _weight("pos_weight", pos_weight)
+    return _op(input, _tensor("target", target), None, w, pw, None, None, None, None, None,
+               _BCE_LOGITS, _BERNOULLI, red, False, 0.0, 0.0, 0.0, 0.0, 1.0, backend)[0]
 
 
 def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     """Drop-in for `torch.nn.functional.binary_cross_entropy` (log clamped at -100, backward
     `(x-y)/max(x(1-x), 1e-12)`); also runs under autocast. Inputs outside [0, 1] give NaN
     instead of torch's error (checking would cost a host sync)."""
-    if weight is None:
-        out = _fast(2, input, target, None, None, None, None, None, False, reduction,
-                    _TORCH_REDUCTIONS, 1.0)
-        if out is not None:
-            return out[0]
-    return compute(C.parse_bce(input, target, weight, reduction, None, logits=False))
+    red = _reduction(reduction, _TORCH_REDUCTIONS, C.TORCH_REDUCTIONS)
+    backend = _code(_tensor("input", input), lambda: C.parse_bce(
+        input, target, weight, reduction, None, logits=False))
+    if backend is None:
+        return reference.binary_cross_entropy(input, target, weight, reduction)
+    w = _weight("weight", weight)
+    return _op(input, _tensor("target", target), None, w, None, None, None, None, None, None,
+               _BCE, _PROBS, red, False, 0.0, 0.0, 0.0, 0.0, 1.0, backend)[0]

@@ -21,12 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-# param modes (see vae_fast.ops.param_geometry)
-CONST, FULL, PERIODIC = 0, 1, 2
-# kinds
-NO_RECON, BERNOULLI, BERNOULLI_PROBS, GAUSSIAN = 0, 1, 2, 3
-# reduction modes
-TOTAL, ROWS, ELEMENTWISE = 0, 1, 2
+from ._enums import Likelihood, ParamMode, RedMode
+
+# the codes the kernels compare their constexprs against (vae_fast/_enums.py)
+CONST, FULL, PERIODIC = int(ParamMode.CONST), int(ParamMode.FULL), int(ParamMode.PERIODIC)
+NO_RECON, BERNOULLI = int(Likelihood.NONE), int(Likelihood.BERNOULLI)
+BERNOULLI_PROBS, GAUSSIAN = int(Likelihood.BERNOULLI_PROBS), int(Likelihood.GAUSSIAN)
+TOTAL, ROWS, ELEMENTWISE = int(RedMode.TOTAL), int(RedMode.ROWS), int(RedMode.PER_ELEMENT)
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -111,12 +112,16 @@ def _recon_tile(
         else:
             pw = 1.0
         lw = 1.0 + (pw - 1.0) * y  # torch's pos_weight: (1-y)*z + lw*softplus(-z)
-        # the large parts cancel exactly before the small log1p(e) is added: a confident
-        # prediction's tiny loss keeps its relative precision
-        loss = ((1.0 - y) * x + lw * _max(-x, 0.0)) + lw * log1p_e
+        # = [(1-y)*z for z >= 0, -pw*y*z below] + lw*log1p(e): the large part is exact (0 for
+        # a confident right prediction, so its tiny loss keeps its relative precision) and
+        # infinite logits give inf, not inf - inf
+        loss = tl.where(x >= 0, (1.0 - y) * x, -(pw * y) * x) + lw * log1p_e
         # d/dz = lw*sigmoid(z) - pw*y, written so that neither side cancels
         dx = tl.where(x >= 0, (1.0 - y) - lw * er, lw * er - pw * y)
-        dy = (pw - 1.0) * (_max(-x, 0.0) + log1p_e) - x
+        if PW_MODE != 0:
+            dy = (pw - 1.0) * (_max(-x, 0.0) + log1p_e) - x
+        else:
+            dy = -x  # (pw - 1) * softplus(-z) would be 0 * inf at z = -inf
         dpw = y * (_max(-x, 0.0) + log1p_e)
         drlv = dy  # unused
     elif KIND == 2:  # Bernoulli from probabilities, F.binary_cross_entropy semantics
@@ -394,7 +399,9 @@ def _scale_bufs(p0, p1, p2, p3, p4, off, mask, c, N: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# Host-side launchers: the raw interface shared with vae_fast._cpu (see vae_fast.ops).
+# Host-side launchers. csrc/run.cpp plans and lowers every call (contiguous or memory-order
+# flat buffers, broadcast geometry, scales) and calls these through the launch-only ops
+# vae_fast::triton_fwd / triton_scale, which vae_fast/_ext.py registers: they only launch.
 
 _ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -521,3 +528,21 @@ def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len
         MODE=red_mode, BLOCK=block,
         ACC=_ACC[acc], num_warps=warps,
     )
+
+
+def launch_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t, out_loss, out_nll, out_kl, grads,
+                   ints, floats):
+    """vae_fast::triton_fwd: `ints` = rows, row lengths (recon, KL), then modes, inners and
+    counts of (rlv, w, pw, lv, pmu, plv), kind, full, reduction mode; `floats` = constants of
+    (rlv, pmu, plv), scales (recon, KL), beta (csrc/run.cpp, run_triton)."""
+    fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, rows=ints[0], row_len_r=ints[1],
+                  row_len_k=ints[2], modes=ints[3:9], inners=ints[9:15], counts=ints[15:21],
+                  kind=ints[21], full=bool(ints[22]), red_mode=ints[23], consts=floats[0:3],
+                  scale_r=floats[3], scale_k=floats[4], beta=floats[5], out_loss=out_loss,
+                  out_nll=out_nll, out_kl=out_kl, grads=grads, beta_t=beta_t)
+
+
+def launch_scale(bufs_r, bufs_k, g_loss, g_nll, g_kl, beta_t, ints, beta):
+    """vae_fast::triton_scale: `ints` = reduction mode, rows, row lengths (recon, KL)."""
+    scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, beta=beta, red_mode=ints[0], rows=ints[1],
+           row_len_r=ints[2], row_len_k=ints[3], beta_t=beta_t)

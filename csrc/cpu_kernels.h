@@ -1,9 +1,13 @@
-// Interface between the op layer (ops.cpp: tensors, checks, registration) and
-// the vectorised kernels (kernels.cpp).  Plain pointers and small structs, so
-// the kernel translation unit needs no tensor headers.
+// Interface between the op layer (ops.cpp: tensors, the plan, registration) and the CPU
+// vector kernels (kernels_impl.h, compiled once per instruction set: kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp; cpu_dispatch.cpp picks one at run time).  Plain
+// pointers and small structs, so the kernel translation units need no tensor headers.
 #pragma once
 
+#include "enums.h"
+
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace vae_fast {
@@ -33,11 +37,8 @@ struct Output {
   DType dtype = DType::Float;
 };
 
-enum ReconKind : int { kNoRecon = 0, kBernoulliLogits = 1, kBernoulliProbs = 2, kGaussian = 3 };
-enum RedMode : int { kTotal = 0, kRows = 1, kElementwise = 2 };
-
 struct ReconStream {
-  int kind = kNoRecon;
+  Likelihood kind = kNone;
   bool full = false;     // Gaussian: add 0.5*log(2*pi) per element
   int64_t n = 0;         // rows * row_len
   int64_t row_len = 0;
@@ -55,7 +56,7 @@ struct KLStream {
   double scale = 1.0;
 };
 
-// Runs both streams in one parallel pass.  Returns the unscaled sums per
+// Runs both streams in one parallel pass (the instruction set picked by cpu_dispatch.cpp).  Returns the unscaled sums per
 // segment (one segment for TOTAL/ELEMENTWISE, `rows` for ROWS) in sums_r /
 // sums_k, each sized to the number of segments (zeros for an absent stream).
 // acc_double: compute in float64 instead of float32.
@@ -80,5 +81,23 @@ struct ScaleSpec {
   bool elementwise = false;
 };
 void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec);
+
+// The instruction set the two entry points above use: "avx512", "avx2" or "default", the
+// best this CPU runs among those built, lowered by $ATEN_CPU_CAPABILITY as for torch's own
+// kernels (read once).
+const std::string& cpu_capability();
+
+// Each instruction-set build defines the same two entry points in its own namespace.
+#define VAE_FAST_DECLARE_KERNELS(isa)                                                        \
+  namespace isa {                                                                            \
+  void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mode,          \
+                            int64_t rows, bool acc_double, std::vector<double>& sums_r,      \
+                            std::vector<double>& sums_k);                                    \
+  void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec);               \
+  }
+VAE_FAST_DECLARE_KERNELS(vae_fast_default)
+VAE_FAST_DECLARE_KERNELS(vae_fast_avx2)
+VAE_FAST_DECLARE_KERNELS(vae_fast_avx512)
+#undef VAE_FAST_DECLARE_KERNELS
 
 }  // namespace vae_fast

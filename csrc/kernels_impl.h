@@ -14,9 +14,11 @@
 //     anything else (bool/16-bit data, broadcast parameters, constants) is
 //     staged into small L1-resident buffers first, so one vector kernel per
 //     loss serves every dtype and broadcast pattern.
-#include "kernels.h"
-
+// The instruction set is the translation unit's (its compiler flags): simd_math.h names the
+// namespace after it, so each build's symbols stay apart.
 #include "simd_math.h"
+
+#include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,6 +31,7 @@
 #include <memory>
 
 namespace vae_fast {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kChunk = 8192;
@@ -125,7 +128,7 @@ void convert_out(const T* src, DType dt, void* dst, int64_t off, int64_t n) {
       return;
     }
     case DType::Bool:
-      TORCH_CHECK(false, "vae_fast_cpu: bool output");
+      TORCH_CHECK(false, "vae_fast: bool output");
   }
 }
 
@@ -294,26 +297,29 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
   V w = one;
   if constexpr (HAS_W) w = ld<TAIL>(t.w, i, cnt);
 
-  if constexpr (KIND == kBernoulliLogits) {
+  if constexpr (KIND == kBernoulli) {
     // softplus(-|z|) = log1p(e), e = exp(-|z|), shared with the sigmoid.
     const V& z = x;
     const V e = M::exp_neg_abs(z);
     const V sp = M::log1p_unit(e);
     // (1-y) z + lw softplus(-z) with softplus(-z) = max(-z, 0) + log1p(e), summed as
-    // ((1-y) z + lw max(-z, 0)) + lw log1p(e): the first part is exactly 0 for y = 0, z < 0,
-    // so the small log1p(e) keeps its precision, and +-inf logits give torch's inf/NaN
-    // (the shortcut max(z,0) - y z would give inf - 0*inf).
+    // [(1-y) z (z >= 0) or -pw y z (z < 0)] + lw log1p(e): the first part is exactly 0 for a
+    // confident right prediction (y = 0, z < 0 or y = 1, z >= 0), so the small log1p(e) keeps
+    // its precision, and an infinite logit gives inf where the loss is infinite (summing
+    // (1-y) z + max(-z, 0) would give inf - inf).
     const V mz = at::vec::clamp_min(V(T(0)) - z, zero);
     const V spn = mz + sp;  // softplus(-z), for the target and pos_weight gradients
     const V omy = one - y;
-    V lu;  // unweighted loss
+    const auto pos = ge(z, zero);
+    V lu;  // unweighted loss: [(1-y) z for z >= 0, -pw y z below] + lw log1p(e)
     V pwm1;
     if constexpr (HAS_PW) {
       pwm1 = ld<TAIL>(t.pw, i, cnt) - one;
       const V lw = at::vec::fmadd(pwm1, y, one);  // 1 + (pw - 1) y
-      lu = at::vec::fmadd(lw, sp, at::vec::fmadd(lw, mz, omy * z));
+      const V pwy = (pwm1 + one) * y;
+      lu = at::vec::fmadd(lw, sp, select(pos, omy * z, V(T(0)) - pwy * z));
     } else {
-      lu = at::vec::fmadd(omy, z, mz) + sp;
+      lu = select(pos, omy * z, V(T(0)) - y * z) + sp;
     }
     if (t.gx != nullptr) {
       // sigmoid(z) - y as (1 - y) - e r (z >= 0) or e r - y (z < 0), r = 1/(1 + e): for
@@ -321,7 +327,6 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
       // difference of two numbers close to 1.
       const V r = M::rcp(one + e);
       const V er = e * r;
-      const auto pos = ge(z, zero);
       V g = select(pos, omy - er, er - y);
       if constexpr (HAS_PW) {
         // (1-y) - lw (1 - sigmoid) = (sigmoid - y) - (pw - 1) y (1 - sigmoid)
@@ -438,20 +443,20 @@ ReconTileFn<T> pick_elem(bool elementwise) {
 template <typename T>
 ReconTileFn<T> pick_recon_kernel(int kind, bool has_w, bool has_pw, bool elementwise) {
   switch (kind) {
-    case kBernoulliLogits:
+    case kBernoulli:
       if (has_w) {
-        return has_pw ? pick_elem<T, kBernoulliLogits, true, true>(elementwise)
-                      : pick_elem<T, kBernoulliLogits, true, false>(elementwise);
+        return has_pw ? pick_elem<T, kBernoulli, true, true>(elementwise)
+                      : pick_elem<T, kBernoulli, true, false>(elementwise);
       }
-      return has_pw ? pick_elem<T, kBernoulliLogits, false, true>(elementwise)
-                    : pick_elem<T, kBernoulliLogits, false, false>(elementwise);
+      return has_pw ? pick_elem<T, kBernoulli, false, true>(elementwise)
+                    : pick_elem<T, kBernoulli, false, false>(elementwise);
     case kBernoulliProbs:
       return has_w ? pick_elem<T, kBernoulliProbs, true, false>(elementwise)
                    : pick_elem<T, kBernoulliProbs, false, false>(elementwise);
     case kGaussian:
       return pick_elem<T, kGaussian, false, false>(elementwise);
     default:
-      TORCH_CHECK(false, "vae_fast_cpu: unknown reconstruction kind ", kind);
+      TORCH_CHECK(false, "vae_fast: unknown reconstruction kind ", kind);
   }
 }
 
@@ -657,18 +662,18 @@ void combine(const ChunkGrid& g, const double* partials, std::vector<double>& su
 template <typename T>
 void run_forward(const ReconStream& rs, const KLStream& ks, int red_mode, int64_t rows,
                  std::vector<double>& sums_r, std::vector<double>& sums_k) {
-  const ChunkGrid gr = make_grid(rs.kind != kNoRecon, rs.n, rows, rs.row_len, red_mode);
+  const ChunkGrid gr = make_grid(rs.kind != kNone, rs.n, rows, rs.row_len, red_mode);
   const ChunkGrid gk = make_grid(ks.present, ks.n, rows, ks.row_len, red_mode);
   const int64_t nr = gr.total();
   const int64_t total = nr + gk.total();
   std::vector<double> partials(static_cast<size_t>(total), 0.0);
   if (total > 0) {
     ReconTileFn<T> fn = nullptr;
-    if (rs.kind != kNoRecon) {
+    if (rs.kind != kNone) {
       fn = pick_recon_kernel<T>(rs.kind, rs.w.mode != ReadMode::Const,
                                 rs.pw.mode != ReadMode::Const, rs.elem_loss.data != nullptr);
     }
-    const int64_t elems = (rs.kind != kNoRecon ? rs.n : 0) + (ks.present ? ks.n : 0);
+    const int64_t elems = (rs.kind != kNone ? rs.n : 0) + (ks.present ? ks.n : 0);
     const int64_t avg = std::max<int64_t>(1, elems / total);
     const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / avg);
     double* part = partials.data();
@@ -739,7 +744,7 @@ void mul_range_dt(void* buf, DType dt, int64_t off, int64_t n, double c) {
       mul_range(static_cast<c10::BFloat16*>(buf) + off, n, c);
       return;
     case DType::Bool:
-      TORCH_CHECK(false, "vae_fast_cpu: cannot scale a bool buffer");
+      TORCH_CHECK(false, "vae_fast: cannot scale a bool buffer");
   }
 }
 
@@ -812,4 +817,5 @@ void scale_kernel(void* buf, DType dt, int64_t n, const ScaleSpec& spec) {
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace vae_fast

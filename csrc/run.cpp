@@ -1,0 +1,348 @@
+// Device runners (run.h): lower a planned call and launch the CPU or the Triton kernels.
+#include "run.h"
+
+#include "cpu_kernels.h"
+#include "dtypes.h"
+
+#include <ATen/ExpandUtils.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+namespace vae_fast {
+namespace {
+
+std::atomic<int64_t> g_kernel_calls{0};
+
+// The order in which the Triton launcher takes the six parameters' modes, inners and counts.
+constexpr int kParamSlots[6] = {kRlv, kW, kPw, kLv, kPmu, kPlv};
+
+// A dense tensor's elements in memory order, as a 1-D view (no copy).
+Tensor flat(const Tensor& t) {
+  return t.is_contiguous() ? t.view({-1}) : t.as_strided({t.numel()}, {1});
+}
+
+// What the kernels read and write, lowered from the plan.
+struct Lowered {
+  std::array<Tensor, kNumSlots> in;   // contiguous, or dense in the stream's memory order
+  std::array<ParamMode, kNumSlots> mode{};  // kConst, kFull or kPeriodic (kExpand is lowered)
+  std::array<Tensor, kNumSlots> grad;  // full-size buffers the kernels write
+  std::array<Tensor, kNumSlots> temp;  // ... of which these are summed into out[3 + s]
+};
+
+Lowered lower(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  Lowered L;
+  for (int s = 0; s < kNumSlots; ++s) {
+    if (!c.has(s)) continue;
+    const Tensor& t = c[s];
+    const Tensor& partner = c[partner_of(s)];
+    const bool mem = p.memory_order[is_recon_slot(s) ? 0 : 1];
+    switch (p.read[s].mode) {
+      case kConst:
+        break;
+      case kPeriodic:
+        L.in[s] = t.contiguous();
+        L.mode[s] = kPeriodic;
+        break;
+      case kExpand:
+        L.in[s] = t.expand(partner.sizes()).contiguous();
+        L.mode[s] = kFull;
+        break;
+      case kFull:
+        L.in[s] = mem ? t : t.contiguous();
+        L.mode[s] = kFull;
+        break;
+    }
+    if (!c.need(s)) continue;
+    if (p.grad[s].full) {
+      L.grad[s] = out[3 + s];
+    } else {  // a broadcast parameter: a full-size temporary in the stream's layout
+      const auto opts = partner.options().dtype(p.acc);
+      L.temp[s] = mem ? at::empty_like(partner, opts) : at::empty(partner.sizes(), opts);
+      L.grad[s] = L.temp[s];
+    }
+  }
+  return L;
+}
+
+void sum_temporaries(const Lowered& L, std::vector<Tensor>& out) {
+  for (int s = 0; s < kNumSlots; ++s) {
+    if (L.temp[s].defined()) out[3 + s].copy_(at::sum_to(L.temp[s], out[3 + s].sizes()));
+  }
+}
+
+double beta_of(const Call& c) {
+  return c.beta_t.defined() ? scalar_value(c.beta_t) : c.beta;
+}
+
+// ---- the C++ vector kernels ----------------------------------------------------------------
+
+Operand operand(const Tensor& t, ParamMode mode, int64_t inner, int64_t count, double value) {
+  Operand op;
+  op.value = value;
+  if (mode == kConst || !t.defined()) return op;
+  op.data = t.data_ptr();
+  op.dtype = to_dtype(t.scalar_type());
+  op.mode = mode == kPeriodic ? ReadMode::Periodic : ReadMode::Full;
+  op.inner = inner;
+  op.count = count;
+  return op;
+}
+
+Output output(const Tensor& t) {
+  Output o;
+  if (t.defined()) {
+    o.data = t.data_ptr();
+    o.dtype = to_dtype(t.scalar_type());
+  }
+  return o;
+}
+
+void write_value(const Tensor& t, int64_t i, double v) {
+  if (t.scalar_type() == at::kDouble) {
+    t.data_ptr<double>()[i] = v;
+  } else {
+    t.data_ptr<float>()[i] = static_cast<float>(v);
+  }
+}
+
+void run_cpu(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  const Geometry g = geometry(p, c);
+  Lowered L = lower(p, c, out);
+  auto op = [&](int s, double value) {
+    return operand(L.in[s], L.mode[s], g.inner[s], g.count[s], value);
+  };
+  ReconStream rs;
+  rs.kind = c.kind;
+  rs.full = c.full;
+  rs.scale = g.scale_r;
+  if (p.recon) {
+    rs.n = c[kX].numel();
+    rs.row_len = g.row_len_r;
+    rs.x = op(kX, 0.0);
+    rs.y = op(kY, 0.0);
+    rs.s = op(kRlv, c.consts[kRlv]);
+    rs.w = op(kW, 1.0);
+    rs.pw = op(kPw, 1.0);
+    rs.gx = output(L.grad[kX]);
+    rs.gy = output(L.grad[kY]);
+    rs.gs = output(L.grad[kRlv]);
+    rs.gw = output(L.grad[kW]);
+    rs.gpw = output(L.grad[kPw]);
+    if (p.red_mode == kPerElement) rs.elem_loss = output(out[0]);
+  }
+  KLStream ks;
+  ks.present = p.kl;
+  ks.scale = g.scale_k;
+  if (p.kl) {
+    ks.n = c[kMu].numel();
+    ks.row_len = g.row_len_k;
+    ks.mu = op(kMu, 0.0);
+    ks.lv = op(kLv, c.consts[kLv]);
+    ks.pmu = op(kPmu, c.consts[kPmu]);
+    ks.plv = op(kPlv, c.consts[kPlv]);
+    ks.gmu = output(L.grad[kMu]);
+    ks.glv = output(L.grad[kLv]);
+    ks.gpmu = output(L.grad[kPmu]);
+    ks.gplv = output(L.grad[kPlv]);
+  }
+  std::vector<double> sums_r, sums_k;
+  fused_forward_kernel(rs, ks, p.red_mode, g.rows, p.acc == at::kDouble, sums_r, sums_k);
+  sum_temporaries(L, out);
+  if (p.red_mode == kPerElement) return;
+  const double beta = beta_of(c);
+  for (int64_t i = 0; i < static_cast<int64_t>(sums_r.size()); ++i) {
+    const double nll = g.scale_r * sums_r[i];
+    const double kl = g.scale_k * sums_k[i];
+    write_value(out[1], i, nll);
+    write_value(out[2], i, kl);
+    write_value(out[0], i, nll + beta * kl);
+  }
+}
+
+// ---- the Triton kernels, through the ops Python registers ----------------------------------
+
+c10::DispatchKey key_of(const Tensor& t) {
+  return t.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+}
+
+void check_triton(const c10::OperatorHandle& op, const Tensor& main) {
+  if (op.hasKernelForDispatchKey(key_of(main))) return;
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !main.is_cpu(), "vae_fast: the triton backend cannot run on cpu (set TRITON_INTERPRET=1 "
+                      "before importing vae_fast)");
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "vae_fast: the triton backend cannot run on ",
+                              main.device(), ": Triton is not installed or did not import");
+}
+
+using TritonFwd = void(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&,
+                       const Tensor&, const Tensor&, const Tensor&,
+                       const c10::List<std::optional<Tensor>>&, c10::IntArrayRef,
+                       c10::ArrayRef<double>);
+
+std::optional<Tensor> opt(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+void run_triton(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  static const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("vae_fast::triton_fwd", "");
+  const Tensor& main = p.recon ? c[kX] : c[kMu];
+  check_triton(handle, main);
+  c10::OptionalDeviceGuard guard(main.device());
+  const Geometry g = geometry(p, c);
+  Lowered L = lower(p, c, out);
+  std::array<std::optional<Tensor>, kNumSlots> in;
+  for (int s = 0; s < kNumSlots; ++s) {
+    if (L.in[s].defined()) in[s] = flat(L.in[s]);
+  }
+  c10::List<std::optional<Tensor>> grads;
+  for (int s = 0; s < kNumSlots; ++s) {
+    grads.push_back(L.grad[s].defined() ? std::optional<Tensor>(flat(L.grad[s])) : std::nullopt);
+  }
+  std::vector<int64_t> ints = {g.rows, g.row_len_r, g.row_len_k};
+  for (int s : kParamSlots) ints.push_back(L.mode[s]);
+  for (int s : kParamSlots) ints.push_back(g.inner[s]);
+  for (int s : kParamSlots) ints.push_back(g.count[s]);
+  ints.push_back(c.kind);
+  ints.push_back(c.full);
+  ints.push_back(p.red_mode);
+  // a tensor beta is read on the device (no host sync); beta = 1 is then a placeholder
+  const std::vector<double> floats = {c.consts[kRlv], c.consts[kPmu], c.consts[kPlv],
+                                      g.scale_r,      g.scale_k,      c.beta_t.defined() ? 1.0 : c.beta};
+  const Tensor loss = p.red_mode == kPerElement ? flat(out[0]) : out[0];
+  handle.typed<TritonFwd>().call(in[kX], in[kY], in[kRlv], in[kW], in[kPw], in[kMu], in[kLv],
+                                  in[kPmu], in[kPlv], opt(c.beta_t), loss, out[1], out[2], grads,
+                                  ints, floats);
+  sum_temporaries(L, out);
+}
+
+// ---- backward: in-place scaling --------------------------------------------------------------
+
+// grad_output value r (0 when undefined): a 0-d tensor, or a (rows,) one of any stride
+double coef_at(const Tensor& g, int64_t r) {
+  if (!g.defined()) return 0.0;
+  const int64_t off = g.dim() == 0 ? 0 : r * g.stride(0);
+  switch (g.scalar_type()) {
+    case at::kDouble:
+      return g.const_data_ptr<double>()[off];
+    case at::kFloat:
+      return g.const_data_ptr<float>()[off];
+    default:
+      return g.select(0, r).item<double>();
+  }
+}
+
+// An elementwise grad_output laid out as the buffers are, in float32 or float64.
+Tensor like_buffer(const Tensor& g, const Tensor& buf) {
+  const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (g.scalar_type() == dt && g.strides() == buf.strides()) return g;
+  return at::empty_like(buf, buf.options().dtype(dt)).copy_(g);
+}
+
+void scale_cpu(const ScaleArgs& a, std::vector<Tensor>& bufs, const Tensor& g_loss,
+               double weight, const Tensor& g_term) {
+  if (bufs.empty()) return;
+  ScaleSpec spec;
+  std::vector<double> coef;
+  Tensor elem;
+  if (a.red == kPerElement) {
+    elem = like_buffer(g_loss, bufs[0]);
+    spec.elementwise = true;
+    spec.elem_a = elem.const_data_ptr();
+    spec.elem_dtype = elem.scalar_type() == at::kDouble ? DType::Double : DType::Float;
+  } else {
+    const int64_t n = a.red == kRows ? a.rows : 1;
+    coef.resize(n);
+    bool all_one = true;
+    for (int64_t r = 0; r < n; ++r) {
+      coef[r] = weight * coef_at(g_loss, r) + coef_at(g_term, r);
+      all_one = all_one && coef[r] == 1.0;
+    }
+    if (all_one) return;  // no memory traffic at all
+    spec.coef = coef.data();
+    spec.n_coef = n;
+  }
+  for (Tensor& b : bufs) {
+    spec.row_len = spec.n_coef ? b.numel() / spec.n_coef : 0;
+    scale_kernel(b.data_ptr(), to_dtype(b.scalar_type()), b.numel(), spec);
+  }
+}
+
+using TritonScale = void(const std::vector<Tensor>&, const std::vector<Tensor>&,
+                         const std::optional<Tensor>&, const std::optional<Tensor>&,
+                         const std::optional<Tensor>&, const std::optional<Tensor>&,
+                         c10::IntArrayRef, double);
+
+std::optional<Tensor> dense_flat(const Tensor& g) {
+  if (!g.defined()) return std::nullopt;
+  return flat(g.is_non_overlapping_and_dense() ? g : g.contiguous());
+}
+
+void scale_triton(const ScaleArgs& a, std::vector<Tensor>& bufs_r, std::vector<Tensor>& bufs_k,
+                  Tensor g_loss, const Tensor& g_nll, const Tensor& g_kl) {
+  static const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("vae_fast::triton_scale", "");
+  const Tensor& any = bufs_r.empty() ? bufs_k[0] : bufs_r[0];
+  check_triton(handle, any);
+  c10::OptionalDeviceGuard guard(any.device());
+  if (a.red == kPerElement && g_loss.defined() && g_loss.strides() != any.strides()) {
+    g_loss = at::empty_like(any, g_loss.options()).copy_(g_loss);
+  }
+  std::vector<Tensor> fr, fk;
+  for (const Tensor& b : bufs_r) fr.push_back(flat(b));
+  for (const Tensor& b : bufs_k) fk.push_back(flat(b));
+  const int64_t rows = a.red == kRows ? a.rows : 1;
+  const int64_t len_r = bufs_r.empty() ? 0 : bufs_r[0].numel() / std::max<int64_t>(rows, 1);
+  const int64_t len_k = bufs_k.empty() ? 0 : bufs_k[0].numel() / std::max<int64_t>(rows, 1);
+  const std::vector<int64_t> ints = {a.red, rows, len_r, len_k};
+  handle.typed<TritonScale>().call(fr, fk, dense_flat(g_loss), dense_flat(g_nll),
+                                   dense_flat(g_kl), opt(a.beta_t), ints,
+                                   a.beta_t.defined() ? 1.0 : a.beta);
+}
+
+}  // namespace
+
+double scalar_value(const Tensor& t) {
+  if (!t.is_cpu()) return t.item<double>();
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      return *t.const_data_ptr<double>();
+    case at::kFloat:
+      return *t.const_data_ptr<float>();
+    default:
+      return t.item<double>();
+  }
+}
+
+int64_t kernel_calls() {
+  return g_kernel_calls.load(std::memory_order_relaxed);
+}
+
+void run_forward(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  const Tensor& main = p.recon ? c[kX] : c[kMu];
+  if (c.backend == kTritonBackend) return run_triton(p, c, out);
+  TORCH_CHECK_NOT_IMPLEMENTED(main.is_cpu(), "vae_fast: the cpu backend cannot run on ",
+                              main.device());
+  run_cpu(p, c, out);
+}
+
+void scale_in_place(const ScaleArgs& a, std::vector<Tensor>& bufs_r, std::vector<Tensor>& bufs_k,
+                    const Tensor& g_loss, const Tensor& g_nll, const Tensor& g_kl) {
+  if (bufs_r.empty() && bufs_k.empty()) return;
+  if (a.backend == kTritonBackend) return scale_triton(a, bufs_r, bufs_k, g_loss, g_nll, g_kl);
+  const double beta = a.beta_t.defined() ? scalar_value(a.beta_t) : a.beta;
+  scale_cpu(a, bufs_r, g_loss, 1.0, g_nll);
+  scale_cpu(a, bufs_k, g_loss, beta, g_kl);
+}
+
+}  // namespace vae_fast

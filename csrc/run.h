@@ -1,0 +1,37 @@
+// The device kernels of vae_fast::fused_fwd and of the backward's in-place scaling: thin
+// runners that lower a planned call (plan.h) to what the CPU vector kernels (cpu_kernels.h) or
+// the Triton kernels (vae_fast/triton_kernels.py, through the vae_fast::triton_fwd /
+// triton_scale ops that Python registers) take, and launch them.
+#pragma once
+
+#include "plan.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace vae_fast {
+
+// Fills the outputs that allocate() made: losses, and the gradients asked for in c.needs.
+void run_forward(const Plan& p, const Call& c, std::vector<Tensor>& out);
+
+// Backward of one stream, in place: every buffer in `bufs` (the stream's full-size gradients,
+// all of one layout) times its coefficient: c = w * g_loss + g_term (a missing one counts 0;
+// w = 1 for the reconstruction stream, beta for the KL stream), one value (kTotal), one per
+// row (kRows) or one per element (kPerElement). A coefficient of exactly 1 touches no memory.
+struct ScaleArgs {
+  RedMode red = kTotal;
+  int64_t rows = 1;
+  Backend backend = kCpuBackend;
+  double beta = 1.0;  // the KL stream's weight (when beta_t is undefined)
+  Tensor beta_t;
+};
+void scale_in_place(const ScaleArgs& a, std::vector<Tensor>& bufs_r, std::vector<Tensor>& bufs_k,
+                    const Tensor& g_loss, const Tensor& g_nll, const Tensor& g_kl);
+
+// How many fused forward kernels this process ran (tests: nothing runs before the checks).
+int64_t kernel_calls();
+
+// A CPU scalar tensor's value (no dispatcher call).
+double scalar_value(const Tensor& t);
+
+}  // namespace vae_fast

@@ -6,7 +6,6 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
-#include <set>
 #include <sstream>
 
 namespace vae_fast {
@@ -92,18 +91,29 @@ class Checker {
   }
 
   void devices() const {
-    std::set<std::string> seen;
+    const Tensor* first = nullptr;
+    bool one = true;
+    auto visit = [&](const Tensor& t) {
+      if (!t.defined()) return;
+      if (first == nullptr) {
+        first = &t;
+      } else if (t.device() != first->device()) {
+        one = false;
+      }
+    };
+    for (const Tensor& t : c_.t) visit(t);
+    visit(c_.beta_t);
+    if (one) return;
     std::ostringstream listing;
+    const char* sep = "";
     auto add = [&](const char* n, const Tensor& t) {
       if (!t.defined()) return;
-      const std::string d = t.device().str();
-      listing << (seen.empty() ? "" : ", ") << n << " on " << d;
-      seen.insert(d);
+      listing << sep << n << " on " << t.device();
+      sep = ", ";
     };
     for (int s = 0; s < kNumSlots; ++s) add(name(s), c_[s]);
     add("beta", c_.beta_t);
-    TORCH_CHECK_VALUE(seen.size() <= 1, "all tensors must be on one device, got ",
-                      listing.str());
+    TORCH_CHECK_VALUE(false, "all tensors must be on one device, got ", listing.str());
   }
 
  private:
@@ -148,6 +158,8 @@ void check_structure(const Call& c) {
   for (int s = 0; s < kNumSlots; ++s) {
     TORCH_CHECK_VALUE(!c.need(s) || c.has(s), "vae_fast: a gradient of ", kNames[0][s],
                       " is asked for, but ", kNames[0][s], " is not a tensor");
+    TORCH_CHECK_VALUE(!c.need(s) || c[s].is_floating_point(), "vae_fast: a gradient of ",
+                      kNames[0][s], " is asked for, but ", kNames[0][s], " is not floating");
   }
   TORCH_CHECK_VALUE(c.needs >= 0 && c.needs < (1 << kNumSlots), "vae_fast: needs must be a "
                     "bit mask of the nine slots, got ", c.needs);
@@ -350,7 +362,7 @@ std::vector<Tensor> allocate(const Plan& p, const Call& c) {
     for (int i = 0; i < 3; ++i) out.push_back(at::empty_symint(shape, opts));
   }
   for (int s = 0; s < kNumSlots; ++s) {
-    if (!c.need(s)) {
+    if (!c.need(s)) {  // an empty placeholder (one each: outputs of an op must not alias)
       out.push_back(at::empty({0}, opts));
       continue;
     }

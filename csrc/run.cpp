@@ -8,9 +8,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
 
 namespace vae_fast {
@@ -69,9 +73,84 @@ Lowered lower(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   return L;
 }
 
+// out[o] = the sum of temp's elements that broadcast onto o, in a fixed order whatever the
+// thread count (torch's CPU sum splits a reduction by threads: a scalar parameter's gradient
+// would differ in its last bit between 1 and 2 threads). temp is float or double, contiguous
+// or (memory-order streams, whose parameters are single numbers) a dense permutation with
+// out = one value per row; out is contiguous in the same dtype. Sums in double.
+template <typename T>
+void deterministic_sum_to(const Tensor& temp, Tensor& out) {
+  const int64_t n = temp.numel(), m = out.numel();
+  const T* src = temp.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  if (m == 0) return;
+  // where element i lands: its multi-index with out's broadcast dimensions dropped
+  const int64_t rank = temp.dim(), pad = rank - out.dim();
+  std::vector<int64_t> size(rank), ostride(rank, 0);
+  for (int64_t d = rank - 1, st = 1; d >= 0; --d) {
+    size[d] = temp.size(d);
+    const int64_t od = d - pad;
+    if (od >= 0 && out.size(od) != 1) ostride[d] = st;
+    if (od >= 0) st *= out.size(od);
+  }
+  const bool by_row = !temp.is_contiguous();  // memory order: out holds one value per row
+  auto target = [&](int64_t i, std::vector<int64_t>& idx) {
+    if (by_row) return i / (n / m);
+    int64_t o = 0;
+    for (int64_t d = 0; d < rank; ++d) o += idx[d] * ostride[d];
+    return o;
+  };
+  auto advance = [&](std::vector<int64_t>& idx) {
+    for (int64_t d = rank - 1; d >= 0 && ++idx[d] == size[d]; --d) idx[d] = 0;
+  };
+  auto start = [&](int64_t i) {
+    std::vector<int64_t> idx(rank);
+    for (int64_t d = rank - 1; d >= 0; --d) {
+      idx[d] = i % size[d];
+      i /= size[d];
+    }
+    return idx;
+  };
+  // a fixed split of the elements (it depends on n only), one partial sum per piece and out
+  // element, added in piece order
+  const int64_t pieces = std::min<int64_t>(std::max<int64_t>(n / 65536, 1), 64);
+  const int64_t per = (n + pieces - 1) / pieces;
+  std::vector<double> partial(static_cast<size_t>(pieces * m), 0.0);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p * per, e = std::min(n, b + per);
+      if (b >= e) continue;
+      double* acc = partial.data() + p * m;
+      std::vector<int64_t> idx = start(b);
+      for (int64_t i = b; i < e; ++i) {
+        acc[target(i, idx)] += static_cast<double>(src[i]);
+        advance(idx);
+      }
+    }
+  });
+  for (int64_t o = 0; o < m; ++o) {
+    double v = 0.0;
+    for (int64_t p = 0; p < pieces; ++p) v += partial[p * m + o];
+    dst[o] = static_cast<T>(v);
+  }
+}
+
 void sum_temporaries(const Lowered& L, std::vector<Tensor>& out) {
   for (int s = 0; s < kNumSlots; ++s) {
-    if (L.temp[s].defined()) out[3 + s].copy_(at::sum_to(L.temp[s], out[3 + s].sizes()));
+    const Tensor& t = L.temp[s];
+    if (!t.defined()) continue;
+    // CPU tensors are summed in a fixed order when the result is small enough for partial
+    // sums per piece (every parameter that is not itself nearly full-size); the rest, and
+    // CUDA tensors (whose sums do not depend on a thread count), by torch
+    if (t.is_cpu() && out[3 + s].numel() <= 4096 && out[3 + s].is_contiguous()) {
+      if (t.scalar_type() == at::kDouble) {
+        deterministic_sum_to<double>(t, out[3 + s]);
+      } else {
+        deterministic_sum_to<float>(t, out[3 + s]);
+      }
+    } else {
+      out[3 + s].copy_(at::sum_to(t, out[3 + s].sizes()));
+    }
   }
 }
 
@@ -200,6 +279,12 @@ void run_triton(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   c10::OptionalDeviceGuard guard(main.device());
   const Geometry g = geometry(p, c);
   Lowered L = lower(p, c, out);
+  if (p.kl && !c.has(kLv)) {
+    // the Triton kernels take no constant posterior log-variance: a number becomes a 0-d
+    // tensor read as a broadcast scalar
+    L.in[kLv] = at::full({}, c.consts[kLv], main.options().dtype(p.acc));
+    L.mode[kLv] = kPeriodic;
+  }
   std::array<std::optional<Tensor>, kNumSlots> in;
   for (int s = 0; s < kNumSlots; ++s) {
     if (L.in[s].defined()) in[s] = flat(L.in[s]);

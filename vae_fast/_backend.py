@@ -28,11 +28,25 @@ def _check(name, source: str = "vae_fast backend") -> str:
     return name
 
 
+# os.environ.get costs a microsecond a call (a KeyError when unset), a tenth of a tiny loss's
+# whole host time: read the variable from the mapping os.environ keeps, where there is one
+_environ_data = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV) if _environ_data is not None else None
+
+
+def _env_name():
+    if _environ_data is None or torch.compiler.is_compiling():
+        return os.environ.get(ENV)
+    raw = _environ_data.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def current() -> str:
     """The backend asked for: the innermost `use_backend`, else $VAE_FAST_BACKEND, else auto."""
     if _stack:
         return _stack[-1]
-    return _check(os.environ.get(ENV, "auto") or "auto", f"${ENV} (the vae_fast backend)")
+    name = _env_name() or "auto"
+    return name if name in BACKENDS else _check(name, f"${ENV} (the vae_fast backend)")
 
 
 @contextlib.contextmanager
@@ -58,8 +72,8 @@ def _unavailable(name: str):
     return NotImplementedError(f"vae_fast: the {name} backend is unavailable: {_ext.reason}")
 
 
-def code(device: torch.device):
-    """The op's backend code for tensors on `device` (a Backend), or None: the reference.
+def code(t: torch.Tensor):
+    """The op's backend code for tensors on `t`'s device (a Backend), or None: the reference.
 
     Raises NotImplementedError for a forced backend that cannot run there. (The Triton
     backend on CPU tensors without TRITON_INTERPRET=1 is refused by the op itself.)"""
@@ -67,22 +81,22 @@ def code(device: torch.device):
     name = _stack[-1] if _stack else current()
     if name == "reference":
         return None
-    kind = device.type
+    cpu, cuda = t.is_cpu, t.is_cuda
     if name == "auto":
         if _ext.module is not None:
-            if kind == "cpu":
+            if cpu:
                 return _CPU
-            if kind == "cuda" and "cuda" in _ext.triton_devices:
+            if cuda and "cuda" in _ext.triton_devices:
                 return _TRITON
-        if kind in ("cpu", "cuda") and not _warned:
+        if (cpu or cuda) and not _warned:
             _warned = True
             why = _ext.reason or "Triton is not installed"
-            warnings.warn(f"vae_fast: the fused kernels are unavailable on {kind} ({why}); "
+            warnings.warn(f"vae_fast: the fused kernels are unavailable on {t.device.type} ({why}); "
                           "these tensors use the reference implementation", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         return None
-    if kind not in ("cpu", "cuda") or (name == "cpu" and kind != "cpu"):
-        raise NotImplementedError(f"vae_fast: the {name} backend cannot run on {device}")
+    if not (cpu or cuda) or (name == "cpu" and not cpu):
+        raise NotImplementedError(f"vae_fast: the {name} backend cannot run on {t.device}")
     if _ext.module is None:
         raise _unavailable(name)
     return _CPU if name == "cpu" else _TRITON
@@ -90,5 +104,5 @@ def code(device: torch.device):
 
 def resolve(device: torch.device) -> str:
     """The backend that runs for tensors on `device`: "triton", "cpu" or "reference"."""
-    c = code(device)
+    c = code(torch.empty(0, device=device))
     return "reference" if c is None else ("cpu" if c == _CPU else "triton")

@@ -117,7 +117,7 @@ def builtin_cases():
     arguments are 16-divisible, as they are for typical image batches on a GPU."""
     import torch
 
-    from . import _common as C, functional
+    import vae_fast
 
     def t(*shape, dtype=torch.float32, grad=True):
         x = torch.randn(*shape, dtype=dtype)
@@ -129,10 +129,11 @@ def builtin_cases():
             y = torch.rand(16, 256).to(dtype) if likelihood != "bernoulli_bool" else torch.rand(16, 256) > 0.5
             if likelihood == "bernoulli_probs":
                 x = torch.rand(16, 256, dtype=dtype).requires_grad_()
-            out = functional.compute(C.parse_elbo(
+            out = vae_fast.elbo_loss(
                 x, y, t(16, 32, dtype=dtype), t(16, 32, dtype=dtype),
-                "bernoulli" if likelihood == "bernoulli_bool" else likelihood, kw.get("rlv"),
-                kw.get("pmu"), kw.get("plv"), 0.5, reduction, True))
+                likelihood="bernoulli" if likelihood == "bernoulli_bool" else likelihood,
+                recon_logvar=kw.get("rlv"), prior_mu=kw.get("pmu"), prior_logvar=kw.get("plv"),
+                beta=0.5, reduction=reduction, return_terms=True)
             (out.loss.sum() * 2).backward()
         return run
 
@@ -148,16 +149,18 @@ def builtin_cases():
 
     def bce():
         x, y = t(16, 64), torch.rand(16, 64)
-        out = functional.compute(C.parse_bce(x, y, t(64), "none", t(64), logits=True))
+        out = vae_fast.binary_cross_entropy_with_logits(x, y, t(64), "none", t(64))
         (out * 2).sum().backward()
     cases.append(("bce_with_logits fp32 weight+pos_weight elementwise", bce, True))
     return cases
 
 
 def record_builtin() -> list[tuple[str, list[dict], bool]]:
-    """Run the built-in cases through the real launchers with launching replaced by recording
-    (no GPU, no interpreter needed: outputs are left uninitialized)."""
-    from . import _backend, triton_kernels as tk
+    """Run the built-in cases through the public functions and the real launchers, forced onto
+    the Triton backend with CPU tensors and launching replaced by recording (no GPU, no
+    interpreter needed: outputs are left uninitialized)."""
+    import vae_fast
+    from vae_fast import _ext, triton_kernels as tk
 
     recorded = []
 
@@ -173,20 +176,19 @@ def record_builtin() -> list[tuple[str, list[dict], bool]]:
 
     names = ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel")
     saved = {n: getattr(tk, n) for n in names}
-    saved_resolve = _backend.resolve
+    _ext.register_triton("cpu")  # the launchers take CPU tensors; the recorders launch nothing
     out = []
     try:
         for n in names:
             setattr(tk, n, _Recorder(saved[n]))
-        _backend.resolve = lambda device: "triton"
-        for name, thunk, aligned in builtin_cases():
-            recorded.clear()
-            thunk()
-            out.append((name, list(recorded), aligned))
+        with vae_fast.use_backend("triton"):
+            for name, thunk, aligned in builtin_cases():
+                recorded.clear()
+                thunk()
+                out.append((name, list(recorded), aligned))
     finally:
         for n in names:
             setattr(tk, n, saved[n])
-        _backend.resolve = saved_resolve
     return out
 
 

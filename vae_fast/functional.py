@@ -73,7 +73,7 @@ def _code(main, parse):
     cannot run, bad arguments still raise their own ValueError/TypeError first (`parse`, the
     reference's checks), then the NotImplementedError."""
     try:
-        return _backend.code(main.device)
+        return _backend.code(main)
     except NotImplementedError:
         parse()
         raise

@@ -6,9 +6,33 @@ import torch
 from . import functional as F
 
 
-class ELBOLoss(torch.nn.Module):
+def _show(v) -> str:
+    return f"tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
+
+
+class _Settings:
+    """`repr` shows the settings: always those named in `_always`, the others where they differ
+    from the constructor's default."""
+
+    _always: tuple = ("reduction",)
+    _defaults: dict = {}
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name, default in self._defaults.items():
+            v = getattr(self, name)
+            if name in self._always or isinstance(v, torch.Tensor) or v != default:
+                parts.append(f"{name}={_show(v)}")
+        return ", ".join(parts)
+
+
+class ELBOLoss(_Settings, torch.nn.Module):
     """Negative ELBO, `vae_fast.elbo_loss` as a module. `forward(recon, target, mu, logvar,
     recon_logvar=None)`; a `recon_logvar` given to forward overrides the constructor's."""
+
+    _always = ("likelihood", "reduction")
+    _defaults = dict(likelihood="bernoulli", recon_logvar=None, prior_mu=None, prior_logvar=None,
+                     beta=1.0, reduction="batchmean", return_terms=False)
 
     def __init__(self, *, likelihood="bernoulli", recon_logvar=None, prior_mu=None,
                  prior_logvar=None, beta=1.0, reduction="batchmean", return_terms=False):
@@ -26,7 +50,9 @@ class ELBOLoss(torch.nn.Module):
         )
 
 
-class BernoulliNLLLoss(torch.nn.Module):
+class BernoulliNLLLoss(_Settings, torch.nn.Module):
+    _defaults = dict(reduction="batchmean")
+
     def __init__(self, *, reduction="batchmean"):
         super().__init__()
         self.reduction = reduction
@@ -35,8 +61,10 @@ class BernoulliNLLLoss(torch.nn.Module):
         return F.bernoulli_nll(logits, target, reduction=self.reduction)
 
 
-class GaussianNLLLoss(torch.nn.Module):
+class GaussianNLLLoss(_Settings, torch.nn.Module):
     """Gaussian NLL with a log-variance (not torch.nn.GaussianNLLLoss's variance)."""
+
+    _defaults = dict(logvar=0.0, full=True, reduction="batchmean")
 
     def __init__(self, *, logvar=0.0, full=True, reduction="batchmean"):
         super().__init__()
@@ -47,7 +75,9 @@ class GaussianNLLLoss(torch.nn.Module):
                               full=self.full, reduction=self.reduction)
 
 
-class GaussianKLLoss(torch.nn.Module):
+class GaussianKLLoss(_Settings, torch.nn.Module):
+    _defaults = dict(prior_mu=None, prior_logvar=None, reduction="batchmean")
+
     def __init__(self, *, prior_mu=None, prior_logvar=None, reduction="batchmean"):
         super().__init__()
         self.prior_mu, self.prior_logvar, self.reduction = prior_mu, prior_logvar, reduction

@@ -1,7 +1,7 @@
 """Plain, readable PyTorch for every public loss: the oracle of the tests and the fallback path.
 
 Same signatures, checks, reductions and dtype policy as the fused functions in `vae_fast`;
-gradients come from autograd. Every formula is the one in DESIGN.md.
+gradients come from autograd. Every formula is the one in docs/design.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The public surface: the canonical PyTorch VAE example swapped to vae_fast, modules, drop-in
-BCE modules, backend choice, and the errors of DESIGN.md (the full adversarial matrix is in
+BCE modules, backend choice, and the errors of docs/design.md (the full adversarial matrix is in
 test_adversarial.py)."""
 import os
 import subprocess
@@ -181,3 +181,15 @@ def test_tensor_beta_anneals_without_recompiling(backend):
         got = step(torch.tensor(beta))
         torch.testing.assert_close(got, R.elbo_loss(x, y, mu, lv, beta=beta))
     assert len(compiles) == 1
+
+
+def test_modules_show_their_settings():
+    s = nn.Parameter(torch.zeros(3, 1, 1))
+    assert repr(vae_fast.ELBOLoss(likelihood="gaussian", recon_logvar=s, beta=0.5)) == (
+        "ELBOLoss(likelihood='gaussian', recon_logvar=tensor of shape (3, 1, 1), beta=0.5, "
+        "reduction='batchmean')")
+    assert repr(vae_fast.ELBOLoss()) == "ELBOLoss(likelihood='bernoulli', reduction='batchmean')"
+    assert repr(vae_fast.GaussianNLLLoss(full=False)) == "GaussianNLLLoss(full=False, reduction='batchmean')"
+    assert repr(vae_fast.GaussianKLLoss(prior_mu=torch.zeros(4), reduction="none")) == (
+        "GaussianKLLoss(prior_mu=tensor of shape (4,), reduction='none')")
+    assert repr(vae_fast.BernoulliNLLLoss(reduction="sum")) == "BernoulliNLLLoss(reduction='sum')"

@@ -1,10 +1,10 @@
 """Tensors over 2^31 elements: offsets must be 64-bit everywhere.
 
 Reading the offset arithmetic out of compiled or interpreted kernels is impractical, so:
-(a) the host-side geometry (`vae_fast.ops._geometry` / `param_geometry`, the Triton launchers'
-    `_split`, the fake op) is checked for N > 2^31 in pure Python on meta tensors (nothing is
-    allocated), together with the kernels' source (every program id widened to int64 before
-    use);
+(a) the host-side plan (csrc/plan.cpp: rows, row lengths, scales, how a broadcast parameter
+    is read; read back with `torch.ops.vae_fast.plan`), the Triton launchers' `_split` and the
+    op's Meta kernel are checked for N > 2^31 on meta tensors (nothing is allocated),
+    together with the kernels' source (every program id widened to int64 before use);
 (b) a slow test (`-m slow`) runs the fused Bernoulli ELBO over > 2^31 elements through the
     public API on the C++ backend (float16 logits, bool targets, ~18.4 GiB of RAM) and checks
     the loss and every gradient element against closed-form values; a gpu_required twin does
@@ -22,14 +22,31 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before vae_fast imports triton (conftest does too)
 
 import vae_fast  # noqa: E402
-from vae_fast import _backend, ops, reference  # noqa: E402
+from vae_fast import ops, reference  # noqa: E402
+from vae_fast._enums import Api, Backend, Likelihood, ParamMode, Reduction  # noqa: E402
+
+from conftest import require_backend  # noqa: E402
 
 INT32_MAX = 2**31 - 1
 GIB = 1 << 30
+REDUCTIONS = {"batchmean": Reduction.BATCHMEAN, "sum": Reduction.SUM, "mean": Reduction.MEAN,
+              "none": Reduction.PER_SAMPLE}
 
 
 def meta(*shape, grad=False):
     return torch.empty(shape, device="meta").requires_grad_(grad)
+
+
+def plan(x=None, y=None, rlv=None, mu=None, lv=None, pmu=None, plv=None, *, kind=Likelihood.GAUSSIAN,
+         reduction="sum"):
+    """csrc/plan.cpp's numbers for a call: (rows, row lengths, scales, {slot: (mode, inner, count)})."""
+    require_backend("cpu")
+    ints, floats = torch.ops.vae_fast.plan(
+        x, y, rlv, None, None, mu, lv, pmu, plv, None, int(Api.RAW), int(kind),
+        int(REDUCTIONS[reduction]), True, 0.0, 0.0, 0.0, 0.0, 1.0, int(Backend.CPU), 0)
+    modes, inners, counts = ints[7:16], ints[16:25], ints[25:34]
+    reads = {s: (modes[i], inners[i], counts[i]) for i, s in enumerate(ops.SLOTS)}
+    return ints[0], ints[1], ints[2], floats[0], floats[1], reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +59,8 @@ BIG_SHAPES = [(1, 2**31 + 5), (3, 732_605_099), (2, 3, 2**15, 2**15 + 1), (5, 2*
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 def test_geometry_over_2_31(shape, reduction):
     x, mu = meta(*shape), meta(shape[0], 32)
-    red, rows, row_len_r, row_len_k, scale_r, scale_k = ops._geometry(x, mu, reduction)
+    rows, row_len_r, row_len_k, scale_r, scale_k, _ = plan(x, meta(*shape), mu=mu, lv=meta(shape[0], 32),
+                                                           reduction=reduction)
     n, b = math.prod(shape), shape[0]
     assert n > INT32_MAX
     if reduction == "none":
@@ -67,8 +85,9 @@ def test_param_geometry_over_2_31(param_shape, partner, inner, count):
     """A broadcast parameter is read at `(off // inner) % count`: check that mapping against
     the true multi-index for offsets on both sides of 2^31 and at the very end."""
     assert math.prod(partner) > INT32_MAX
-    mode, got_inner, got_count = ops.param_geometry(meta(*param_shape), partner)
-    assert (mode, got_inner, got_count) == (ops.PERIODIC, inner, count)
+    *_, reads = plan(meta(*partner), meta(*partner), meta(*param_shape))
+    mode, got_inner, got_count = reads["rlv"]
+    assert (mode, got_inner, got_count) == (ParamMode.PERIODIC, inner, count)
     n = math.prod(partner)
     padded = (1,) * (len(partner) - len(param_shape)) + tuple(param_shape)
     for off in (0, INT32_MAX - 1, INT32_MAX, INT32_MAX + 1, 2**32 + 12345, n - 1):
@@ -86,9 +105,10 @@ def test_param_geometry_over_2_31(param_shape, partner, inner, count):
         assert (off // got_inner) % got_count == flat, off
 
 
-def test_param_geometry_falls_back_to_full_for_split_broadcasts():
-    mode, _, _ = ops.param_geometry(meta(8, 1, 2**14, 1), (8, 3, 2**14, 2**14 + 3))
-    assert mode == ops.FULL  # expanded first: read at the partner's own offsets
+def test_param_geometry_expands_split_broadcasts():
+    partner = (8, 3, 2**14, 2**14 + 3)
+    *_, reads = plan(meta(*partner), meta(*partner), meta(8, 1, 2**14, 1))
+    assert reads["rlv"][0] == ParamMode.EXPAND  # materialized: read at the partner's own offsets
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda-h100"])
@@ -134,21 +154,22 @@ def test_kernels_widen_program_ids_to_int64():
         assert uses == src.count("tl.program_id(0).to(tl.int64)"), name
 
 
-def test_fake_op_shapes_over_2_31(monkeypatch):
-    """The whole public path down to the op's fake on meta tensors of 2^31 + 5 elements:
-    losses and full-size gradient buffers come out with the right shapes and dtypes."""
-    monkeypatch.setattr(_backend, "resolve", lambda device: "triton")
+def test_fake_op_shapes_over_2_31():
+    """The whole public path down to the op's Meta kernel on meta tensors of 2^31 + 5 elements
+    (forced onto a fused backend, so the reference does not take them): losses and full-size
+    gradient buffers come out with the right shapes and dtypes."""
+    require_backend("cpu")
     x = meta(1, 2**31 + 5, grad=True)
     y = torch.empty((1, 2**31 + 5), device="meta", dtype=torch.bool)
     mu, lv = meta(1, 32, grad=True), meta(1, 32, grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        terms = vae_fast.elbo_loss(x.half(), y, mu, lv, return_terms=True)
-    assert all(t.shape == () and t.dtype == torch.float32 for t in terms)
-    shapes = {(tuple(t.shape), t.dtype) for t in saved}
+    outs = torch.ops.vae_fast.fused_fwd(
+        x.half(), y, None, None, None, mu, lv, None, None, None, int(Api.ELBO_LOSS),
+        int(Likelihood.BERNOULLI), int(Reduction.BATCHMEAN), True, 0.0, 0.0, 0.0, 0.0, 1.0,
+        int(Backend.CPU), 1 | 1 << 5 | 1 << 6)
+    assert all(t.shape == () and t.dtype == torch.float32 for t in outs[:3])
     # a float16 input's gradient buffer is float32 until grad_output is applied (GradScaler)
-    assert ((1, 2**31 + 5), torch.float32) in shapes
-    assert ((1, 32), torch.float32) in shapes
+    assert (tuple(outs[3].shape), outs[3].dtype) == ((1, 2**31 + 5), torch.float32)
+    assert all((tuple(g.shape), g.dtype) == ((1, 32), torch.float32) for g in (outs[8], outs[9]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +268,7 @@ def test_bernoulli_elbo_over_2_31_elements_cpu():
     element against closed-form values. Peak RSS measured 18.4 GiB: 4.2 GiB of logits, 2.1 of
     targets, the 8.4 GiB float32 gradient buffer (float16 gradients stay float32 until
     grad_output is applied) and the 4.2 GiB float16 gradient it becomes."""
-    if _backend.cpu_extension()[0] is None:
-        pytest.skip("the C++ backend is unavailable")
+    require_backend("cpu")
     if _mem_available() < 19.5 * GIB:
         pytest.skip(f"needs ~18.4 GiB of free RAM, {_mem_available() / GIB:.1f} GiB available")
     _run_big("cpu", "cpu")

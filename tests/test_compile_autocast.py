@@ -10,7 +10,7 @@
   return float32, and gradients flow; a short training run matches float32. For contrast,
   `F.binary_cross_entropy` raises under CUDA autocast ("unsafe to autocast"); on CPU torch runs
   it in float32. vae_fast's `binary_cross_entropy` / `likelihood="bernoulli_probs"` work in both.
-- opcheck of `vae_fast::fused_loss` on representative argument sets.
+- opcheck of `vae_fast::fused_loss` and `vae_fast::fused_fwd` on representative argument sets.
 
 Compilation is slow on CPU: each test here compiles at most one function.
 """
@@ -28,6 +28,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import vae_fast
 from vae_fast import _backend, ops
+from vae_fast._enums import Api, Backend, Likelihood, Reduction
 
 from conftest import require_backend
 
@@ -129,7 +130,7 @@ def test_compiled_forward_and_loss_match_eager(backend, likelihood):
         opt_c.step()
     assert counter.frame_count == 1  # one graph: no break, no recompilation
     nodes = _fused_nodes(graphs)
-    assert len(nodes) == 1 and nodes[0].kwargs["backend"] == backend
+    assert len(nodes) == 1 and nodes[0].args[-1] == BACKEND_CODES[backend]
 
 
 def test_whole_training_step_is_one_graph(backend):
@@ -177,7 +178,7 @@ def test_compiled_graph_follows_use_backend():
         with vae_fast.use_backend(name):
             step(x, eps).loss.backward()
     assert counter.frame_count == len(names) + 1
-    assert [n.kwargs["backend"] for n in _fused_nodes(graphs)] == names
+    assert [n.args[-1] for n in _fused_nodes(graphs)] == [BACKEND_CODES[n] for n in names]
     assert not [n for n in graphs[-1].graph.nodes if n.target is FUSED_OP]  # reference: plain torch
 
 
@@ -190,11 +191,10 @@ def test_example_compile_flag_matches_eager(backend):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_compile_before_the_cpu_extension_is_loaded(tmp_path):
+def test_first_call_of_a_fresh_process_may_be_compiled(tmp_path):
     """In a fresh process the first vae_fast call may happen while torch.compile traces (the
-    default "auto" backend picks the C++ extension for CPU tensors): that must not graph-break."""
-    if _backend.cpu_extension()[0] is None:
-        pytest.skip("C++ CPU backend unavailable")
+    default "auto" backend then picks the C++ kernels for CPU tensors): no graph break."""
+    require_backend("cpu")
     code = (
         "import torch, vae_fast\n"
         "x, y = torch.randn(4, 8, requires_grad=True), torch.rand(4, 8)\n"
@@ -215,46 +215,63 @@ def _leaf(*shape, low=None):
     return t.requires_grad_()
 
 
-GRAD_SLOTS = ("x", "y", "rlv", "w", "pw", "mu", "lv", "pmu", "plv")  # the inputs `needs` covers
+BACKEND_CODES = {"cpu": int(Backend.CPU), "triton": int(Backend.TRITON)}
 
 
-def _op_args(kind, *, reduction="batchmean", full=True, beta=1.0, backend, **tensors):
+def _op_args(kind, *, reduction=Reduction.BATCHMEAN, full=True, beta=1.0, backend, **tensors):
     """Positional arguments of vae_fast::fused_loss, laid out by its schema (tensor slots not
-    given are None; numeric constants 0)."""
-    needs = [tensors.get(n) is not None and tensors[n].requires_grad for n in GRAD_SLOTS]
-    values = dict(kind=kind, reduction=reduction, full=full, beta=beta, needs=needs, backend=backend,
-                  rlv_const=0.0, pmu_const=0.0, plv_const=0.0, **tensors)
+    given are None; numeric constants 0; the raw api)."""
+    values = dict(kind=int(kind), reduction=int(reduction), full=full, beta=beta, api=int(Api.RAW),
+                  backend=BACKEND_CODES[backend], rlv_c=0.0, lv_c=0.0, pmu_c=0.0, plv_c=0.0, **tensors)
     schema = torch.ops.vae_fast.fused_loss.default._schema
     return tuple(values.get(a.name) for a in schema.arguments)
 
 
+L = Likelihood
 OP_CASES = {
     "bernoulli-logits": lambda b: _op_args(
-        "bernoulli", x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3), backend=b),
+        L.BERNOULLI, x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3), backend=b),
     "bernoulli-probs-sum": lambda b: _op_args(
-        "bernoulli_probs", x=_leaf(4, 16, low=0.05), y=torch.rand(4, 16), mu=_leaf(4, 3),
-        lv=_leaf(4, 3), reduction="sum", beta=0.5, backend=b),
+        L.BERNOULLI_PROBS, x=_leaf(4, 16, low=0.05), y=torch.rand(4, 16), mu=_leaf(4, 3),
+        lv=_leaf(4, 3), reduction=Reduction.SUM, beta=0.5, backend=b),
     "gaussian-tensor-logvar": lambda b: _op_args(
-        "gaussian", x=_leaf(4, 2, 3, 3), y=_leaf(4, 2, 3, 3), rlv=_leaf(2, 1, 1), mu=_leaf(4, 3),
+        L.GAUSSIAN, x=_leaf(4, 2, 3, 3), y=_leaf(4, 2, 3, 3), rlv=_leaf(2, 1, 1), mu=_leaf(4, 3),
         lv=_leaf(4, 3), backend=b),
     "kl-learned-prior": lambda b: _op_args(
-        "none", mu=_leaf(4, 5), lv=_leaf(4, 5), pmu=_leaf(5), plv=_leaf(5), backend=b),
+        L.NONE, mu=_leaf(4, 5), lv=_leaf(4, 5), pmu=_leaf(5), plv=_leaf(5), backend=b),
     "elbo-reduction-none": lambda b: _op_args(
-        "bernoulli", x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3),
-        reduction="none", backend=b),
+        L.BERNOULLI, x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3),
+        reduction=Reduction.PER_SAMPLE, backend=b),
     "bce-elementwise": lambda b: _op_args(  # the drop-in BCE's reduction="none"
-        "bernoulli", x=_leaf(4, 16), y=torch.rand(4, 16), reduction="elementwise", full=False, backend=b),
+        L.BERNOULLI, x=_leaf(4, 16), y=torch.rand(4, 16), w=_leaf(16), pw=_leaf(4, 1),
+        reduction=Reduction.ELEMENTWISE, full=False, backend=b),
+    "elbo-tensor-beta": lambda b: _op_args(  # KL annealing with a 0-d tensor beta
+        L.BERNOULLI, x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3),
+        beta_t=torch.tensor(0.3, requires_grad=True), backend=b),
+    "channels-last-fp16": lambda b: _op_args(
+        L.GAUSSIAN, x=_leaf(2, 3, 4, 4).half().contiguous(memory_format=torch.channels_last),
+        y=torch.rand(2, 3, 4, 4).half().contiguous(memory_format=torch.channels_last),
+        mu=_leaf(2, 5), lv=_leaf(2, 5), reduction=Reduction.PER_SAMPLE, backend=b),
 }
-if "beta_t" in [a.name for a in torch.ops.vae_fast.fused_loss.default._schema.arguments]:
-    OP_CASES["elbo-tensor-beta"] = lambda b: _op_args(  # KL annealing with a 0-d tensor beta
-        "bernoulli", x=_leaf(4, 16), y=torch.rand(4, 16), mu=_leaf(4, 3), lv=_leaf(4, 3),
-        beta_t=torch.tensor(0.3, requires_grad=True), backend=b)
 
 
 @pytest.mark.parametrize("case", list(OP_CASES))
 def test_opcheck_fused_loss(backend, case):
     torch.manual_seed(0)
     torch.library.opcheck(ops.fused_loss, OP_CASES[case](backend))
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_opcheck_fused_fwd(backend, case):
+    """The pass itself, writing the gradients of every input that required grad above. Its
+    outputs are gradients, not differentiable (differentiating them raises, see
+    tests/test_ops.py), so its inputs are given here without requires_grad."""
+    torch.manual_seed(0)
+    args = OP_CASES[case](backend)
+    needs = sum(1 << i for i, t in enumerate(args[:10]) if isinstance(t, torch.Tensor) and t.requires_grad
+                and i < 9)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(ops.fused_fwd, args + (needs,))
 
 
 # ---- torch.autocast ----------------------------------------------------------------------------

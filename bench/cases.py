@@ -126,7 +126,7 @@ def _nbytes(t: Optional[torch.Tensor]) -> int:
 
 
 def min_traffic_bytes(x: Inputs, backward: bool) -> int:
-    """The least a loss must move (DESIGN.md): read recon, target (+ recon_logvar), mu and
+    """The least a loss must move (docs/design.md): read recon, target (+ recon_logvar), mu and
     logvar once; a training step also writes one gradient per input that requires grad
     (recon, recon_logvar, mu, logvar), each in its input's dtype."""
     read = sum(_nbytes(t) for t in x.args)

@@ -8,10 +8,9 @@ logits, mu and logvar, at two sizes:
   eager:    F.binary_cross_entropy_with_logits(x, y, reduction="sum")/B
             + (-0.5*(1 + lv - mu^2 - lv.exp())).sum()/B, then autograd
   compile:  torch.compile of the same function, then autograd
-  fused:    vae_fast._cpu.fused_forward writing loss + all three gradients in one pass (fresh
-            gradient buffers every call, as the op does), then scale_ with grad_output 1
-            (no memory traffic); also shown with reused gradient buffers (what the
-            first-touch page faults of fresh memory cost) and forward only
+  fused:    torch.ops.vae_fast.fused_fwd (the C++ backend) writing loss + all three gradients in
+            one pass into fresh buffers, as the op does (its backward with grad_output 1 moves
+            no memory); also forward only
 
 Methods are timed round-robin (one call of each per round) so that noise from other work
 on the machine hits all of them alike; the median of the rounds is reported as ns per pixel.
@@ -34,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vae_fast import _cpu  # noqa: E402
+import vae_fast  # noqa: E402,F401
+from vae_fast import _ext  # noqa: E402
+from vae_fast._enums import Api, Backend, Likelihood, Reduction  # noqa: E402
 
 SIZES = {
     "large": ((32, 3, 256, 256), 256),
@@ -55,27 +56,17 @@ def make_step(fn):
     return step
 
 
-def fused_step(x, y, mu, lv, with_grads=True, reuse=None):
-    B = x.shape[0]
-    N, M = x.numel(), mu.numel()
-    loss = torch.empty((), dtype=torch.float32)
-    nll = torch.empty((), dtype=torch.float32)
-    kl = torch.empty((), dtype=torch.float32)
-    grads = [None] * 9
-    if with_grads:
-        gx, gmu, glv = reuse or (torch.empty_like(x), torch.empty_like(mu), torch.empty_like(lv))
-        grads[0], grads[5], grads[6] = gx, gmu, glv
-    _cpu.fused_forward(
-        x, y, None, None, None, mu, lv, None, None, rows=B, row_len_r=N // B, row_len_k=M // B,
-        modes=[0, 0, 0, 1, 0, 0], inners=[1] * 6, counts=[1] * 6, consts=[0.0, 0.0, 0.0],
-        kind=1, full=False, red_mode=0, scale_r=1.0 / B, scale_k=1.0 / B, beta=1.0,
-        out_loss=loss, out_nll=nll, out_kl=kl, grads=grads,
-    )
-    if with_grads:
-        one = torch.ones((), dtype=torch.float32)
-        _cpu.scale_([grads[0]], [grads[5], grads[6]], one, None, None, beta=1.0, red_mode=0,
-                    rows=B, row_len_r=N // B, row_len_k=M // B)
-    return loss
+_FWD = None
+
+
+def fused_step(x, y, mu, lv, with_grads=True):
+    """The fused pass of vae_fast::fused_fwd (C++ backend): the loss and, with_grads, the
+    gradients of x, mu and logvar written into fresh buffers, as a training step's forward
+    does; its backward with grad_output 1 then moves nothing (the buffers become .grad)."""
+    needs = (1 << 0 | 1 << 5 | 1 << 6) if with_grads else 0
+    return _FWD(x, y, None, None, None, mu, lv, None, None, None, int(Api.ELBO_LOSS),
+                int(Likelihood.BERNOULLI), int(Reduction.BATCHMEAN), False, 0.0, 0.0, 0.0, 0.0,
+                1.0, int(Backend.CPU), needs)[0]
 
 
 class OtherLoad:
@@ -130,11 +121,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not _cpu.available():
-        sys.exit(f"C++ backend unavailable: {_cpu.unavailable_reason()}")
+    if _ext.module is None:
+        sys.exit(f"C++ backend unavailable: {_ext.reason}")
+    global _FWD
+    _FWD = torch.ops.vae_fast.fused_fwd.default
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {args.threads} threads, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, load average {load:.2f} "
+    print(f"torch {torch.__version__}, {args.threads} threads, vae_fast kernels "
+          f"{_ext.module.cpu_capability()}, load average {load:.2f} "
           f"(other work on the machine skews every number)")
 
     compiled = torch.compile(eager_loss)
@@ -165,7 +158,6 @@ def main() -> None:
         mu = torch.randn(B, Z, generator=g).requires_grad_()
         lv = (torch.randn(B, Z, generator=g) * 0.5).requires_grad_()
         xd, mud, lvd = x.detach(), mu.detach(), lv.detach()
-        kept = (torch.zeros_like(xd), torch.zeros_like(mud), torch.zeros_like(lvd))
         N = x.numel()
         # sanity: the three agree
         ref = eager_loss(x, y, mu, lv).item()
@@ -176,7 +168,6 @@ def main() -> None:
                 "eager": lambda: eager_step(x, y, mu, lv),
                 "compile": lambda: compiled_step(x, y, mu, lv),
                 "fused": lambda: fused_step(xd, y, mud, lvd),
-                "fused, reused grad buffers": lambda: fused_step(xd, y, mud, lvd, reuse=kept),
                 "fused fwd only": lambda: fused_step(xd, y, mud, lvd, with_grads=False),
             }, rounds=args.rounds)
         print(f"\n{name}: x {tuple(shape)} ({N / 1e6:.2f}M pixels), mu/logvar ({B}, {Z}); "

@@ -18,7 +18,7 @@ NUMERIC = ("time_ms", "gbps", "pct_copy_bw", "peak_extra_mb", "speedup_vs_eager"
 
 LEGEND = (
     "ms: median step time; x eager, x compile: vae_fast's speedup (baseline time / vae_fast time);",
-    "GB/s: the minimum traffic of DESIGN.md / time; % copy BW: vae_fast's GB/s / the measured copy GB/s;",
+    "GB/s: the minimum traffic of docs/design.md / time; % copy BW: vae_fast's GB/s / the measured copy GB/s;",
     "MB: peak extra memory of one step (temporaries, outputs, the .grad it leaves); noise %: largest",
     "interquartile range / median; preempt: involuntary context switches of this process per step",
     "(raised by other processes competing for the cores); check: every contender agrees with eager",
@@ -62,11 +62,16 @@ def table_lines(rows, contenders, *, markdown=False) -> list[str]:
         line += [str(any_row["reps"]), _fmt(any_row["noise_pct"], ".0f"),
                  _fmt(any_row["preempted_per_step"], ".2g"), any_row["check"]]
         body.append(line)
+    return format_table(head, body, left=4, markdown=markdown)  # the first 4 columns are names
+
+
+def format_table(head, body, *, left: int, markdown=False) -> list[str]:
+    """Lines of a table of strings: Markdown, or aligned text with the first `left` columns
+    flushed left and the others right."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         return lines + ["| " + " | ".join(r) + " |" for r in body]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    left = 4  # the first columns are names
     fmt = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
@@ -78,9 +83,9 @@ def _csv_value(v):
     return v
 
 
-def write_csv(path: Path, rows):
+def write_csv(path: Path, rows, columns=COLUMNS):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: _csv_value(v) for k, v in r.items()})

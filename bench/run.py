@@ -2,7 +2,7 @@
 
 For every problem (case x likelihood x dtype) and pass (forward only; forward + backward), it
 prints each contender's median step time, vae_fast's speedup over both baselines, the
-effective bandwidth counted with the minimum traffic of DESIGN.md, vae_fast's share of the
+effective bandwidth counted with the minimum traffic of docs/design.md, vae_fast's share of the
 device's measured copy bandwidth and each contender's peak extra memory; then it writes CSV,
 JSON, a Markdown table and a PNG plot. `python -m bench --help` lists the options.
 """
@@ -73,6 +73,10 @@ def parse_args(argv=None):
                         f"{QUICK['cases']}, likelihoods {QUICK['likelihoods']}, dtypes {QUICK['dtypes']} "
                         "unless given, 3-10 rounds; writes to a temporary directory unless --out is given")
     p.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead: the host cost (us) of a tiny training step, eager vs vae_fast, in four "
+                        "variants (bench/overhead.py); honours --device, --threads, --backend, --out, "
+                        "--quick and --reps (rounds of 200 steps, default 30)")
     args = p.parse_args(argv)
     if args.quick:  # quick narrows only what was not chosen explicitly
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -253,6 +257,10 @@ def run_problem(dev: Device, case, likelihood: str, dtype_name: str, contenders,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.overhead:
+        from . import overhead
+
+        return overhead.main(args, argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:

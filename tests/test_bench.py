@@ -1,5 +1,5 @@
 """The benchmark harness (`python -m bench`): its quick mode runs end to end and writes what it
-promises, and its traffic count is DESIGN.md's minimum. Timings are not asserted."""
+promises, and its traffic count is docs/design.md's minimum. Timings are not asserted."""
 from __future__ import annotations
 
 import csv

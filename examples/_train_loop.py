@@ -6,7 +6,8 @@ return `(loss, recon, kl)`, so the same loop logs the same ELBO terms for either
 
 Both variants consume the random number generator identically (initialisation, shuffling,
 the reparameterisation noise drawn here and handed to the model), so with one seed the two
-loss curves agree to float rounding.
+runs differ only by rounding: in float32 the first steps agree to ~1e-7, and training then
+amplifies the difference (examples/README.md); `--dtype float64` keeps them together.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 import vae_fast
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+DTYPES = ("float32", "float64")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float):
@@ -41,6 +43,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
                         help="torch.compile(fullgraph=True) the model forward and the loss")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: torch.autocast with bfloat16")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="precision of the weights, data, noise and loss (float64: to compare "
+                             "the two losses without float32 rounding)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", metavar="DIR", default=None,
@@ -77,17 +82,23 @@ def backend_scope(backend: Optional[str]):
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train_x: torch.Tensor, test_x: torch.Tensor, *,
         latent: int, epochs: int, batch_size: int, lr: float, device: str = "cpu",
-        compile: bool = False, amp: bool = False, progress: bool = True, log=print,
-        name: str = "") -> History:
+        compile: bool = False, amp: bool = False, dtype: str = "float32", progress: bool = True,
+        log=print, name: str = "") -> History:
     """Train with Adam; every epoch log the mean loss, reconstruction term, KL and seconds.
 
     The model is called as `model(x, eps)`, eps ~ N(0, I) of shape (batch, latent), so that the
     noise comes from here and not from inside a compiled graph (Inductor's RNG differs from
-    eager's, which would make compiled and eager runs incomparable).
+    eager's, which would make compiled and eager runs incomparable). `dtype` ("float32" or
+    "float64") is that of the weights, the data and the noise: the model is built and
+    initialised in float32 and then converted, and the noise is drawn in float32, so a float64
+    run computes the float32 run's steps in double precision.
     """
     device = torch.device(device)
-    model.to(device)
-    train_x, test_x = train_x.to(device), test_x.to(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if amp and dtype == torch.float64:
+        raise ValueError("--amp (bfloat16 autocast) leaves float64 alone: use float32 with it")
+    model.to(device=device, dtype=dtype)
+    train_x, test_x = train_x.to(device, dtype), test_x.to(device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch_size = min(batch_size, len(train_x))
     n_batches = len(train_x) // batch_size  # drop the ragged last batch: one shape to compile
@@ -107,7 +118,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_x: torch.Tensor, test_x: 
         start = time.perf_counter()
         for b in bar:
             x = train_x[order[b * batch_size:(b + 1) * batch_size]]
-            eps = torch.randn(len(x), latent, device=device)
+            eps = torch.randn(len(x), latent, device=device).to(dtype)  # the same draws in float64
             with autocast:
                 loss, recon, kl = step_fn(x, eps)
             opt.zero_grad(set_to_none=True)
@@ -141,7 +152,7 @@ def evaluate(model, loss_fn, data, *, latent: int, batch_size: int, amp: bool = 
     autocast = torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=amp)
     for i in range(0, len(data), batch_size):
         x = data[i:i + batch_size]
-        eps = torch.randn(len(x), latent, device=data.device, generator=g)
+        eps = torch.randn(len(x), latent, device=data.device, generator=g).to(data.dtype)
         with autocast:
             loss = loss_fn(model(x, eps), x)[0]
         total += loss.item() * len(x)
@@ -194,6 +205,7 @@ def describe(args) -> str:
     backend = args.backend or os.environ.get("VAE_FAST_BACKEND") or "auto"
     words = [f"loss={args.loss}"] + [f"backend={backend}"] * (args.loss == "vae_fast")
     words += ["compile"] * args.compile + ["amp(bf16)"] * args.amp
+    words += [args.dtype] * (args.dtype != "float32")
     return " ".join(words + [f"device={args.device}", f"seed={args.seed}"])
 
 

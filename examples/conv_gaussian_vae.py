@@ -149,8 +149,8 @@ def parse_args(argv=None):
 
 
 def train(*, loss="vae_fast", logvar="channel", backend=None, epochs=8, batch_size=64, lr=1e-3,
-          patch=32, channels=3, latent=32, limit=None, compile=False, amp=False, device="cpu",
-          seed=0, save=None, progress=True, log=print):
+          patch=32, channels=3, latent=32, limit=None, compile=False, amp=False, dtype="float32",
+          device="cpu", seed=0, save=None, progress=True, log=print):
     """Train the conv VAE; returns (model, History). Same seed -> same data, init and noise."""
     torch.manual_seed(seed)
     train_x, test_x = loop.split(load_patches(patch, channels), limit=limit, seed=seed)
@@ -159,7 +159,7 @@ def train(*, loss="vae_fast", logvar="channel", backend=None, epochs=8, batch_si
     with loop.backend_scope(backend):
         hist = loop.fit(model, LOSSES[loss], train_x, test_x, latent=latent, epochs=epochs,
                         batch_size=batch_size, lr=lr, device=device, compile=compile, amp=amp,
-                        progress=progress, log=log, name=loss)
+                        dtype=dtype, progress=progress, log=log, name=loss)
     if model.recon_logvar is not None:
         sigma = torch.exp(0.5 * model.recon_logvar.detach()).flatten().tolist()
         log(f"learned decoder sigma per channel: {[round(s, 4) for s in sigma]}")
@@ -172,10 +172,11 @@ def train(*, loss="vae_fast", logvar="channel", backend=None, epochs=8, batch_si
 @torch.no_grad()
 def _save(directory, model, test_x, hist, latent, title):
     model.eval()
-    device = next(model.parameters()).device
-    x = test_x[:10].to(device)
-    mean, _, _, _ = model(x, torch.zeros(len(x), latent, device=device))
-    samples, _ = model.decode(torch.randn(10, latent, generator=torch.Generator().manual_seed(0)).to(device))
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    x = test_x[:10].to(device, dtype)
+    mean, _, _, _ = model(x, x.new_zeros(len(x), latent))
+    z = torch.randn(10, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    samples, _ = model.decode(z)
     to_img = lambda t: t.float().permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()  # noqa: E731
     rows = [("test patches", to_img(x)), ("reconstructions (mean)", to_img(mean)),
             ("samples z ~ N(0, I) (mean)", to_img(samples))]

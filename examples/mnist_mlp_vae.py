@@ -111,8 +111,8 @@ def parse_args(argv=None):
 
 
 def train(*, loss="vae_fast", decoder="logits", backend=None, epochs=30, batch_size=128, lr=1e-3,
-          hidden=400, latent=20, limit=None, compile=False, amp=False, device="cpu", seed=0,
-          save=None, progress=True, log=print):
+          hidden=400, latent=20, limit=None, compile=False, amp=False, dtype="float32",
+          device="cpu", seed=0, save=None, progress=True, log=print):
     """Train the MLP VAE; returns (model, History). Same seed -> same data, init and noise."""
     torch.manual_seed(seed)
     train_x, test_x = loop.split(load_digits(), limit=limit, seed=seed)
@@ -120,7 +120,8 @@ def train(*, loss="vae_fast", decoder="logits", backend=None, epochs=30, batch_s
     with loop.backend_scope(backend):
         hist = loop.fit(model, LOSSES[(loss, decoder)], train_x, test_x, latent=latent,
                         epochs=epochs, batch_size=batch_size, lr=lr, device=device,
-                        compile=compile, amp=amp, progress=progress, log=log, name=loss)
+                        compile=compile, amp=amp, dtype=dtype, progress=progress, log=log,
+                        name=loss)
     if save:
         _save(save, model, test_x, hist, latent, title=f"MLP VAE on 8x8 digits, loss={loss}")
     return model, hist
@@ -129,11 +130,11 @@ def train(*, loss="vae_fast", decoder="logits", backend=None, epochs=30, batch_s
 @torch.no_grad()
 def _save(directory, model, test_x, hist, latent, title):
     model.eval()
-    device = next(model.parameters()).device
-    x = test_x[:10].to(device)
-    out, _, _ = model(x, torch.zeros(len(x), latent, device=device))  # decode the posterior mean
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    x = test_x[:10].to(device, dtype)
+    out, _, _ = model(x, x.new_zeros(len(x), latent))  # decode the posterior mean
     recon = out if model.probs else torch.sigmoid(out)
-    z = torch.randn(10, latent, generator=torch.Generator().manual_seed(0)).to(device)
+    z = torch.randn(10, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     samples = model.decode(z)
     samples = samples if model.probs else torch.sigmoid(samples)
     to_img = lambda t: t.float().reshape(-1, 8, 8).cpu().numpy()  # noqa: E731

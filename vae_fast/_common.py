@@ -209,8 +209,19 @@ def parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> Problem:
                    lv="logvar", pmu="prior_mu", plv="prior_logvar")
 
 
+def check_full(full, likelihood) -> bool:
+    """`full` (keep the Gaussian's 0.5*log(2*pi) per pixel): a bool, and False only where
+    there is that constant to drop."""
+    if type(full) is not bool:
+        raise TypeError(f"full must be a bool, got {type(full).__name__}")
+    if not full and likelihood != "gaussian":
+        raise ValueError(f"full=False drops the Gaussian's 0.5*log(2*pi) constant; it is only "
+                         f"used with likelihood='gaussian', got likelihood={likelihood!r}")
+    return full
+
+
 def parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, prior_logvar,
-               beta, reduction, return_terms) -> Problem:
+               beta, reduction, return_terms, full=True) -> Problem:
     likelihood = check_likelihood(likelihood)
     reduction = check_reduction(reduction, ELBO_REDUCTIONS)
     beta = check_beta(beta)
@@ -226,7 +237,8 @@ def parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, pr
         recon_logvar = 0.0 if recon_logvar is None else recon_logvar
     elif recon_logvar is not None:
         raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
-    return _finish(Problem(likelihood, recon, target, recon_logvar, None, None, True, mu, logvar,
+    full = check_full(full, likelihood)
+    return _finish(Problem(likelihood, recon, target, recon_logvar, None, None, full, mu, logvar,
                            prior_mu, prior_logvar, beta, reduction, bool(return_terms)),
                    x="recon", y="target", rlv="recon_logvar", lv="logvar", pmu="prior_mu",
                    plv="prior_logvar")

@@ -119,12 +119,13 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
-              prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
+              full=True, prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
               return_terms=False):
     """Negative ELBO `nll(recon, target) + beta * kl(mu, logvar)` in one fused pass.
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
-    "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, or a tensor).
+    "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, or a tensor;
+    `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows).
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted.
     """
@@ -135,20 +136,22 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     beta_t, beta_c = _beta(beta)
     backend = _code(_tensor("recon", recon), lambda: C.parse_elbo(
         recon, target, mu, logvar, likelihood, recon_logvar, prior_mu, prior_logvar, beta,
-        reduction, return_terms))
+        reduction, return_terms, full))
     if backend is None:
         return reference.elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
-                                   recon_logvar=recon_logvar, prior_mu=prior_mu,
+                                   recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
                                    prior_logvar=prior_logvar, beta=beta, reduction=reduction,
                                    return_terms=return_terms)
     if recon_logvar is not None and kind != _GAUSSIAN:
         raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+    if full is not True:
+        C.check_full(full, likelihood)  # raises unless full is False with a Gaussian
     rlv, rlv_c = _param("recon_logvar", recon_logvar)
     lv, lv_c = _param("logvar", logvar, allow_none=False)
     pmu, pmu_c = _param("prior_mu", prior_mu)
     plv, plv_c = _param("prior_logvar", prior_logvar)
     out = _op(recon, _tensor("target", target), rlv, None, None, _tensor("mu", mu), lv, pmu, plv,
-              beta_t, _ELBO, kind, red, True, rlv_c, lv_c, pmu_c, plv_c, beta_c, backend)
+              beta_t, _ELBO, kind, red, full, rlv_c, lv_c, pmu_c, plv_c, beta_c, backend)
     return ELBOTerms(*out) if return_terms else out[0]
 
 

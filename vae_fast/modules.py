@@ -31,13 +31,14 @@ class ELBOLoss(_Settings, torch.nn.Module):
     recon_logvar=None)`; a `recon_logvar` given to forward overrides the constructor's."""
 
     _always = ("likelihood", "reduction")
-    _defaults = dict(likelihood="bernoulli", recon_logvar=None, prior_mu=None, prior_logvar=None,
-                     beta=1.0, reduction="batchmean", return_terms=False)
+    _defaults = dict(likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
+                     prior_logvar=None, beta=1.0, reduction="batchmean", return_terms=False)
 
-    def __init__(self, *, likelihood="bernoulli", recon_logvar=None, prior_mu=None,
+    def __init__(self, *, likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
                  prior_logvar=None, beta=1.0, reduction="batchmean", return_terms=False):
         super().__init__()
         self.likelihood, self.recon_logvar, self.beta = likelihood, recon_logvar, beta
+        self.full = full
         self.prior_mu, self.prior_logvar = prior_mu, prior_logvar
         self.reduction, self.return_terms = reduction, return_terms
 
@@ -45,7 +46,7 @@ class ELBOLoss(_Settings, torch.nn.Module):
         return F.elbo_loss(
             recon, target, mu, logvar, likelihood=self.likelihood,
             recon_logvar=self.recon_logvar if recon_logvar is None else recon_logvar,
-            prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, beta=self.beta,
+            full=self.full, prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, beta=self.beta,
             reduction=self.reduction, return_terms=self.return_terms,
         )
 

@@ -104,11 +104,11 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
-              prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
+              full=True, prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
               return_terms=False):
     """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`."""
     return compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
-                                prior_logvar, beta, reduction, return_terms))
+                                prior_logvar, beta, reduction, return_terms, full))
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):

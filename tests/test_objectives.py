@@ -1,7 +1,7 @@
 """The objectives beyond the plain ELBO, each against an eager formula written here (not
 vae_fast.reference), on every fused backend, plus the reference twin.
 
-So far: `elbo_loss(..., likelihood="gaussian", full=False)`."""
+So far: `elbo_loss(..., likelihood="gaussian", full=False)` and `elbo_loss(..., capacity=C)`."""
 import math
 
 import pytest
@@ -101,3 +101,104 @@ def test_full_false_module_and_compile():
     torch.testing.assert_close(compiled(x, y, mu, lv),
                                eager_gaussian_elbo(x, y, mu, lv, s, beta=1.0, full=False,
                                                    reduction="batchmean"), **TOL[torch.float32])
+
+
+# --- capacity (Burgess et al. 2018): nll + beta * |KL - C| on the KL as reduced ----------------
+
+def _reduce(per, reduction):
+    return {"none": per, "sum": per.sum(), "batchmean": per.sum() / per.shape[0]}[reduction]
+
+
+def eager_capacity_elbo(x, y, mu, lv, *, likelihood, beta, capacity, reduction):
+    if likelihood == "bernoulli":
+        nll = (torch.nn.functional.softplus(x) - y * x).flatten(1).sum(1)
+    else:
+        nll = (0.5 * (y - x) ** 2 + HALF_LOG_2PI).flatten(1).sum(1)
+    kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(1)
+    nll, kl = _reduce(nll, reduction), _reduce(kl, reduction)
+    return nll + beta * (kl - capacity).abs()
+
+
+def _capacity_inputs(dtype, likelihood, shape=(4, 3, 5, 4), z=6):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+    y = torch.rand(*shape, generator=g, dtype=dtype) if likelihood == "bernoulli" else torch.randn(
+        *shape, generator=g, dtype=dtype)
+    mu = torch.randn(shape[0], z, generator=g, dtype=dtype).requires_grad_()
+    lv = (0.5 * torch.randn(shape[0], z, generator=g, dtype=dtype)).requires_grad_()
+    return x, y, mu, lv
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("likelihood", ("bernoulli", "gaussian"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("kind", ("number", "tensor"))
+def test_capacity_matches_eager(backend, reduction, likelihood, dtype, kind):
+    x, y, mu, lv = _capacity_inputs(dtype, likelihood)
+    with torch.no_grad():  # C between the examples' KLs: both signs of KL - C occur with "none"
+        kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(1)
+        cap_value = float(_reduce(kl, reduction).median() if reduction == "none" else 0.8 * _reduce(kl, reduction))
+        if reduction == "none":
+            cap_value += 1e-3  # not exactly at one example's KL (|.| has no derivative there)
+    cap = cap_value if kind == "number" else torch.tensor(cap_value, dtype=dtype, requires_grad=True)
+    beta = 0.6 if kind == "number" else torch.tensor(0.6, dtype=dtype, requires_grad=True)
+    out = vae_fast.elbo_loss(x, y, mu, lv, likelihood=likelihood, beta=beta, capacity=cap,
+                             reduction=reduction, return_terms=True)
+    wrt = (x, mu, lv) + ((cap, beta) if kind == "tensor" else ())
+    grads = torch.autograd.grad(out.loss.sum() * 1.5, wrt)
+    ref = [t.detach().double().requires_grad_() for t in wrt]
+    cap64 = ref[3] if kind == "tensor" else cap_value
+    beta64 = ref[4] if kind == "tensor" else 0.6
+    want = eager_capacity_elbo(ref[0], y.double(), ref[1], ref[2], likelihood=likelihood, beta=beta64,
+                               capacity=cap64, reduction=reduction)
+    want_grads = torch.autograd.grad(want.sum() * 1.5, ref)
+    torch.testing.assert_close(out.loss, want.to(dtype), **TOL[dtype])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
+    # the terms: the KL unweighted, loss = nll + beta |kl - C|
+    torch.testing.assert_close(out.loss, out.nll + beta * (out.kl - cap).abs())
+    twin = R.elbo_loss(x, y, mu, lv, likelihood=likelihood, beta=beta, capacity=cap, reduction=reduction)
+    torch.testing.assert_close(twin, want.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+def test_capacity_gradcheck(backend, reduction):
+    x, y, mu, lv = _capacity_inputs(torch.float64, "bernoulli", shape=(3, 2, 3), z=3)
+    with torch.no_grad():
+        kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(1)
+    cap = torch.tensor(float(_reduce(kl, reduction).min()) * 0.5 if reduction != "none" else float(kl.mean()) + 1e-2,
+                       dtype=torch.float64, requires_grad=True)
+    f = lambda x, mu, lv, c: vae_fast.elbo_loss(x, y, mu, lv, beta=0.7, capacity=c, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, mu, lv, cap))
+
+
+@pytest.mark.parametrize("fn", (vae_fast.elbo_loss, R.elbo_loss), ids=("fused", "reference"))
+def test_capacity_bad_values_raise(fn):
+    x, y, mu, lv = _capacity_inputs(torch.float32, "bernoulli")
+    for bad, err, msg in [("1", TypeError, "capacity must be a real Python number"),
+                          (True, TypeError, "capacity must be a real Python number"),
+                          (-1.0, ValueError, "capacity must be a non-negative number"),
+                          (float("nan"), ValueError, "capacity must be a non-negative number"),
+                          (torch.ones(2), TypeError, "capacity must be a number or a 0-d floating tensor"),
+                          (torch.tensor(1), TypeError, "capacity must be a number or a 0-d floating tensor")]:
+        with pytest.raises(err, match=msg):
+            fn(x, y, mu, lv, capacity=bad)
+
+
+def test_annealed_capacity_and_beta_change_no_graph():
+    x, y, mu, lv = (t.detach() for t in _capacity_inputs(torch.float32, "bernoulli"))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    f = torch.compile(lambda c, b: vae_fast.elbo_loss(x, y, mu, lv, beta=b, capacity=c), fullgraph=True,
+                      backend=count)
+    for step in range(4):
+        c, b = torch.tensor(0.5 * step), torch.tensor(0.25 * (step + 1))
+        torch.testing.assert_close(f(c, b), eager_capacity_elbo(x, y, mu, lv, likelihood="bernoulli", beta=b,
+                                                                capacity=c, reduction="batchmean"),
+                                   **TOL[torch.float32])
+    assert len(graphs) == 1
+    assert "capacity=1.5" in repr(vae_fast.ELBOLoss(capacity=1.5))

@@ -209,6 +209,30 @@ def parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> Problem:
                    lv="logvar", pmu="prior_mu", plv="prior_logvar")
 
 
+def check_capacity(capacity):
+    """`capacity` C of the capacity objective (Burgess et al. 2018): a non-negative Python
+    number, or a 0-d floating tensor (annealed under torch.compile without recompiling; its
+    value is not checked, which would cost a host sync)."""
+    if isinstance(capacity, torch.Tensor):
+        if not capacity.is_floating_point() or capacity.dim() != 0:
+            raise TypeError(f"capacity must be a number or a 0-d floating tensor, got a tensor of "
+                            f"dtype {capacity.dtype} and shape {tuple(capacity.shape)}")
+        return capacity
+    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Real):
+        raise TypeError(f"capacity must be a real Python number or a 0-d tensor, got {type(capacity).__name__}")
+    capacity = _float("capacity", capacity)
+    if not capacity >= 0.0:  # also rejects nan
+        raise ValueError(f"capacity must be a non-negative number, got {capacity}")
+    return capacity
+
+
+def with_capacity(terms: ELBOTerms, beta, capacity) -> ELBOTerms:
+    """nll + beta * |kl - C| on the terms as reduced (per example for "none", the batch mean
+    for "batchmean", the sum for "sum"); the KL stays unweighted in the terms. The gradient
+    reaches the fused buffers through the terms: d/d(kl) = beta * sign(kl - C)."""
+    return ELBOTerms(terms.nll + beta * (terms.kl - capacity).abs(), terms.nll, terms.kl)
+
+
 def check_full(full, likelihood) -> bool:
     """`full` (keep the Gaussian's 0.5*log(2*pi) per pixel): a bool, and False only where
     there is that constant to drop."""

@@ -119,16 +119,26 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
-              full=True, prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
-              return_terms=False):
+              full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
+              reduction="batchmean", return_terms=False):
     """Negative ELBO `nll(recon, target) + beta * kl(mu, logvar)` in one fused pass.
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
     "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, or a tensor;
     `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows).
+    capacity: C of the capacity objective (Burgess et al. 2018), `nll + beta * |kl - C|` on the
+    KL as reduced; a number or a 0-d tensor (anneal it under torch.compile without recompiling).
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted.
     """
+    if capacity is not None:
+        capacity = C.check_capacity(capacity)
+        terms = elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
+                          recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
+                          prior_logvar=prior_logvar, beta=beta, reduction=reduction,
+                          return_terms=True)
+        out = C.with_capacity(terms, beta, capacity)
+        return out if return_terms else out.loss
     kind = _KINDS.get(likelihood) if type(likelihood) is str else None
     if kind is None:
         C.check_likelihood(likelihood)  # raises

@@ -104,9 +104,16 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
-              full=True, prior_mu=None, prior_logvar=None, beta=1.0, reduction="batchmean",
-              return_terms=False):
-    """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`."""
+              full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
+              reduction="batchmean", return_terms=False):
+    """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; with `capacity` C,
+    `nll + beta * |kl - C|`."""
+    if capacity is not None:
+        capacity = C.check_capacity(capacity)
+        terms = compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
+                                     prior_logvar, beta, reduction, True, full))
+        out = C.with_capacity(terms, beta, capacity)
+        return out if return_terms else out.loss
     return compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
                                 prior_logvar, beta, reduction, return_terms, full))
 

@@ -1,7 +1,8 @@
 """The objectives beyond the plain ELBO, each against an eager formula written here (not
 vae_fast.reference), on every fused backend, plus the reference twin.
 
-So far: `elbo_loss(..., likelihood="gaussian", full=False)` and `elbo_loss(..., capacity=C)`."""
+So far: `elbo_loss(..., likelihood="gaussian", full=False)`, `elbo_loss(..., capacity=C)` and
+`elbo_loss(..., free_bits=lam)`."""
 import math
 
 import pytest
@@ -202,3 +203,96 @@ def test_annealed_capacity_and_beta_change_no_graph():
                                    **TOL[torch.float32])
     assert len(graphs) == 1
     assert "capacity=1.5" in repr(vae_fast.ELBOLoss(capacity=1.5))
+
+
+# --- free bits (Kingma et al. 2016): sum_j max(lam, mean_b KL_bj) -------------------------------
+
+def eager_free_bits_elbo(x, y, mu, lv, pmu, plv, *, beta, lam, reduction):
+    nll = (torch.nn.functional.softplus(x) - y * x).flatten(1).sum(1)
+    d = lv - plv
+    kl_bj = 0.5 * (torch.exp(d) - 1 - d + (mu - pmu) ** 2 * torch.exp(-plv))
+    floored = torch.maximum(kl_bj.mean(0), torch.as_tensor(lam, dtype=kl_bj.dtype)).sum()
+    b = x.shape[0]
+    return nll.sum() / b + beta * floored if reduction == "batchmean" else nll.sum() + beta * b * floored
+
+
+def _free_bits_case(dtype):
+    x, y, mu, lv = _capacity_inputs(dtype, "bernoulli", z=8)
+    with torch.no_grad():  # dimensions 0-3 well under the floor, 4-7 well over it
+        mu[:, :4] *= 0.05
+        lv[:, :4] *= 0.05
+        mu[:, 4:] = mu[:, 4:].sign() * (mu[:, 4:].abs() + 1.5)
+    pmu = torch.zeros(8, dtype=dtype)
+    return x, y, mu, lv, pmu
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("kind", ("number", "tensor"))
+@pytest.mark.parametrize("prior", (False, True), ids=("standard", "prior"))
+def test_free_bits_matches_eager(backend, reduction, dtype, kind, prior):
+    x, y, mu, lv, pmu = _free_bits_case(dtype)
+    pmu = 0.1 * torch.arange(8, dtype=dtype) if prior else None
+    plv = 0.3 if prior else None
+    lam = 0.5 if kind == "number" else torch.tensor(0.5, dtype=dtype)
+    out = vae_fast.elbo_loss(x, y, mu, lv, prior_mu=pmu, prior_logvar=plv, beta=0.8, free_bits=lam,
+                             reduction=reduction, return_terms=True)
+    gx, gmu, glv = torch.autograd.grad(out.loss * 1.5, (x, mu, lv))
+    ref = [t.detach().double().requires_grad_() for t in (x, mu, lv)]
+    want = eager_free_bits_elbo(ref[0], y.double(), ref[1], ref[2],
+                                torch.zeros(8, dtype=torch.float64) if pmu is None else pmu.double(),
+                                torch.tensor(plv or 0.0, dtype=torch.float64), beta=0.8, lam=0.5,
+                                reduction=reduction)
+    want_grads = torch.autograd.grad(want * 1.5, ref)
+    torch.testing.assert_close(out.loss, want.to(dtype), **TOL[dtype])
+    for a, b in zip((gx, gmu, glv), want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
+    assert (gmu[:, :4] == 0).all() and (glv[:, :4] == 0).all()  # under the floor: no gradient
+    assert (gmu[:, 4:] != 0).all()
+    # the terms keep the plain KL
+    plain = vae_fast.elbo_loss(x, y, mu, lv, prior_mu=pmu, prior_logvar=plv, reduction=reduction,
+                               return_terms=True)
+    torch.testing.assert_close(out.kl, plain.kl)
+    twin = R.elbo_loss(x, y, mu, lv, prior_mu=pmu, prior_logvar=plv, beta=0.8, free_bits=lam,
+                       reduction=reduction)
+    torch.testing.assert_close(twin, want.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum"))
+def test_free_bits_gradcheck(backend, reduction):
+    x, y, mu, lv, _ = _free_bits_case(torch.float64)
+    x, mu, lv = (t.detach()[:3, ..., :2].clone().requires_grad_() if t.dim() == 4 else t.detach()[:3].clone().requires_grad_()
+                 for t in (x, mu, lv))
+    y = y[:3, ..., :2]
+    f = lambda x, mu, lv: vae_fast.elbo_loss(x, y, mu, lv, beta=0.7, free_bits=0.5, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, mu, lv))
+
+
+@pytest.mark.parametrize("fn", (vae_fast.elbo_loss, R.elbo_loss), ids=("fused", "reference"))
+def test_free_bits_bad_combinations_raise(fn):
+    x, y, mu, lv = _capacity_inputs(torch.float32, "bernoulli")
+    with pytest.raises(ValueError, match="free_bits needs reduction='batchmean' or 'sum', got 'none'"):
+        fn(x, y, mu, lv, free_bits=0.5, reduction="none")
+    with pytest.raises(ValueError, match="free_bits and capacity"):
+        fn(x, y, mu, lv, free_bits=0.5, capacity=1.0)
+    with pytest.raises(ValueError, match="free_bits must be a non-negative number"):
+        fn(x, y, mu, lv, free_bits=-0.1)
+    with pytest.raises(TypeError, match="free_bits must be a number or a 0-d floating tensor"):
+        fn(x, y, mu, lv, free_bits=torch.ones(3))
+
+
+def test_annealed_free_bits_change_no_graph():
+    x, y, mu, lv, pmu = (t.detach() for t in _free_bits_case(torch.float32))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    f = torch.compile(lambda lam: vae_fast.elbo_loss(x, y, mu, lv, free_bits=lam), fullgraph=True, backend=count)
+    for step in range(3):
+        lam = torch.tensor(0.25 * step)
+        torch.testing.assert_close(f(lam), eager_free_bits_elbo(x, y, mu, lv, pmu, torch.tensor(0.0), beta=1.0,
+                                                                lam=lam, reduction="batchmean"), **TOL[torch.float32])
+    assert len(graphs) == 1
+    assert "free_bits=0.5" in repr(vae_fast.ELBOLoss(free_bits=0.5))

@@ -226,11 +226,42 @@ def check_capacity(capacity):
     return capacity
 
 
-def with_capacity(terms: ELBOTerms, beta, capacity) -> ELBOTerms:
-    """nll + beta * |kl - C| on the terms as reduced (per example for "none", the batch mean
-    for "batchmean", the sum for "sum"); the KL stays unweighted in the terms. The gradient
-    reaches the fused buffers through the terms: d/d(kl) = beta * sign(kl - C)."""
-    return ELBOTerms(terms.nll + beta * (terms.kl - capacity).abs(), terms.nll, terms.kl)
+def check_free_bits(free_bits, reduction, capacity):
+    """`free_bits` lambda (Kingma et al. 2016): a non-negative number or a 0-d floating tensor,
+    with "batchmean" or "sum" and without `capacity`."""
+    if capacity is not None:
+        raise ValueError("free_bits and capacity are two different KL objectives; give one of them")
+    if reduction == "none":
+        raise ValueError("free_bits needs reduction='batchmean' or 'sum', got 'none': the floor is "
+                         "on each latent dimension's KL averaged over the batch, so there is no "
+                         "per-example loss")
+    if isinstance(free_bits, torch.Tensor):
+        if not free_bits.is_floating_point() or free_bits.dim() != 0:
+            raise TypeError(f"free_bits must be a number or a 0-d floating tensor, got a tensor of "
+                            f"dtype {free_bits.dtype} and shape {tuple(free_bits.shape)}")
+        return free_bits
+    if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
+        raise TypeError(f"free_bits must be a real Python number or a 0-d tensor, got {type(free_bits).__name__}")
+    free_bits = _float("free_bits", free_bits)
+    if not free_bits >= 0.0:
+        raise ValueError(f"free_bits must be a non-negative number, got {free_bits}")
+    return free_bits
+
+
+def kl_objective(terms: ELBOTerms, beta, capacity, free_bits, reduction, batch: int,
+                 floored_kl) -> ELBOTerms:
+    """The loss of a KL objective from the plain terms; the terms keep the KL itself.
+    capacity C: nll + beta * |kl - C| on the KL as reduced (per example for "none", the batch
+    mean for "batchmean", the sum for "sum"); the gradient reaches the fused buffers through the
+    terms, d/d(kl) = beta * sign(kl - C).
+    free bits: nll + beta * floored_kl() (times B with "sum"), floored_kl() being
+    sum_j max(lambda, mean_b KL_bj)."""
+    if free_bits is None:
+        return ELBOTerms(terms.nll + beta * (terms.kl - capacity).abs(), terms.nll, terms.kl)
+    kl_term = floored_kl()
+    if reduction == "sum":
+        kl_term = kl_term * batch
+    return ELBOTerms(terms.nll + beta * kl_term, terms.nll, terms.kl)
 
 
 def check_full(full, likelihood) -> bool:

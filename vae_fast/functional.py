@@ -120,7 +120,7 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
-              reduction="batchmean", return_terms=False):
+              free_bits=None, reduction="batchmean", return_terms=False):
     """Negative ELBO `nll(recon, target) + beta * kl(mu, logvar)` in one fused pass.
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
@@ -128,16 +128,23 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows).
     capacity: C of the capacity objective (Burgess et al. 2018), `nll + beta * |kl - C|` on the
     KL as reduced; a number or a 0-d tensor (anneal it under torch.compile without recompiling).
+    free_bits: lambda of free bits (Kingma et al. 2016): the KL term becomes
+    `sum_j max(lambda, mean_b KL_bj)` (times B with "sum"; "none" raises); that KL term is plain
+    torch on the (B, Z) values, the pixels stay fused.
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
-    return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted.
+    return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted (and unfloored).
     """
-    if capacity is not None:
-        capacity = C.check_capacity(capacity)
+    if free_bits is not None or capacity is not None:  # the plain terms, then the KL objective
+        if free_bits is not None:
+            free_bits = C.check_free_bits(free_bits, reduction, capacity)
+        else:
+            capacity = C.check_capacity(capacity)
         terms = elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
                           recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta, reduction=reduction,
                           return_terms=True)
-        out = C.with_capacity(terms, beta, capacity)
+        out = C.kl_objective(terms, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
         return out if return_terms else out.loss
     kind = _KINDS.get(likelihood) if type(likelihood) is str else None
     if kind is None:

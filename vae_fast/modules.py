@@ -32,15 +32,15 @@ class ELBOLoss(_Settings, torch.nn.Module):
 
     _always = ("likelihood", "reduction")
     _defaults = dict(likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
-                     prior_logvar=None, beta=1.0, capacity=None, reduction="batchmean",
-                     return_terms=False)
+                     prior_logvar=None, beta=1.0, capacity=None, free_bits=None,
+                     reduction="batchmean", return_terms=False)
 
     def __init__(self, *, likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
-                 prior_logvar=None, beta=1.0, capacity=None, reduction="batchmean",
-                 return_terms=False):
+                 prior_logvar=None, beta=1.0, capacity=None, free_bits=None,
+                 reduction="batchmean", return_terms=False):
         super().__init__()
         self.likelihood, self.recon_logvar, self.beta = likelihood, recon_logvar, beta
-        self.full, self.capacity = full, capacity
+        self.full, self.capacity, self.free_bits = full, capacity, free_bits
         self.prior_mu, self.prior_logvar = prior_mu, prior_logvar
         self.reduction, self.return_terms = reduction, return_terms
 
@@ -49,7 +49,7 @@ class ELBOLoss(_Settings, torch.nn.Module):
             recon, target, mu, logvar, likelihood=self.likelihood,
             recon_logvar=self.recon_logvar if recon_logvar is None else recon_logvar,
             full=self.full, prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, beta=self.beta,
-            capacity=self.capacity,
+            capacity=self.capacity, free_bits=self.free_bits,
             reduction=self.reduction, return_terms=self.return_terms,
         )
 

@@ -71,6 +71,18 @@ def _kl_elementwise(p: Problem, dt: torch.dtype) -> torch.Tensor:
     return kl.expand(mu.shape) if kl.shape != mu.shape else kl
 
 
+def free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
+    """sum_j max(free_bits, mean_b KL_bj), the KL term of free bits: each latent dimension's KL
+    averaged over the batch, floored (a dimension under the floor gets no gradient). Plain
+    torch on the (B, Z) KL values, used by the fused path too."""
+    p = C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, "sum")
+    dt = C.acc_dtype(p.mu, p.lv, p.pmu, p.plv)
+    per_dim = _kl_elementwise(p, dt).mean(0)
+    if isinstance(free_bits, torch.Tensor):
+        return torch.maximum(per_dim, free_bits.to(dt)).sum()
+    return per_dim.clamp_min(free_bits).sum()
+
+
 def compute(p: Problem):
     dt = C.acc_dtype(p.x, p.y, p.rlv, p.w, p.pw, p.mu, p.lv, p.pmu, p.plv)
     if p.reduction == "elementwise":
@@ -105,14 +117,18 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
-              reduction="batchmean", return_terms=False):
+              free_bits=None, reduction="batchmean", return_terms=False):
     """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; with `capacity` C,
-    `nll + beta * |kl - C|`."""
-    if capacity is not None:
-        capacity = C.check_capacity(capacity)
+    `nll + beta * |kl - C|`; with `free_bits` lambda, `nll + beta * sum_j max(lambda, mean_b KL_bj)`."""
+    if free_bits is not None or capacity is not None:
+        if free_bits is not None:
+            free_bits = C.check_free_bits(free_bits, reduction, capacity)
+        else:
+            capacity = C.check_capacity(capacity)
         terms = compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
                                      prior_logvar, beta, reduction, True, full))
-        out = C.with_capacity(terms, beta, capacity)
+        out = C.kl_objective(terms, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
         return out if return_terms else out.loss
     return compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
                                 prior_logvar, beta, reduction, return_terms, full))

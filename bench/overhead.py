@@ -13,8 +13,8 @@ Four variants, each as eager PyTorch (the formula users write) and as `vae_fast.
   gaussian per-channel recon_logvar
                   a learned recon_logvar of shape (C,1,1) that requires grad
   reduction none  Bernoulli ELBO per sample, shape (B,), backward with a ones(B) gradient
-The table also names vae_fast's autograd node: `CppNode<vae_fast::FusedLoss>` is the C++ eager
-fast path, `_EagerFusedLossBackward` the general (Python) path.
+The table also names vae_fast's autograd node: `vae_fast::FusedLossBackward` is the op's own
+C++ node (every fused call, on every device); anything else means the call did not reach it.
 
 Before timing, vae_fast's loss and gradients must agree with eager's (float32 tolerances of
 `torch.testing.assert_close`); a disagreement raises `Mismatch` and nothing is timed. Steps run

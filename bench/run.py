@@ -77,6 +77,10 @@ def parse_args(argv=None):
                    help="instead: the host cost (us) of a tiny training step, eager vs vae_fast, in four "
                         "variants (bench/overhead.py); honours --device, --threads, --backend, --out, "
                         "--quick and --reps (rounds of 200 steps, default 30)")
+    p.add_argument("--objectives", action="store_true",
+                   help="instead: fwd+bwd of each elbo_loss option (capacity, free_bits, full=False) "
+                        "against the plain fused ELBO at the same size (bench/objectives.py); honours "
+                        "--device, --threads, --quick, --out")
     args = p.parse_args(argv)
     if args.quick:  # quick narrows only what was not chosen explicitly
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -261,6 +265,10 @@ def main(argv=None) -> int:
         from . import overhead
 
         return overhead.main(args, argv)
+    if args.objectives:
+        from . import objectives
+
+        return objectives.main(args, argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:

@@ -15,7 +15,8 @@ enum Likelihood : int64_t {
   kBernoulli = 1,       // recon are logits
   kBernoulliProbs = 2,  // recon are probabilities (F.binary_cross_entropy semantics)
   kGaussian = 3,        // recon are means, rlv the log-variance
-  kNumLikelihoods = 4,
+  kContinuousBernoulli = 4,  // recon are logits of a continuous Bernoulli on [0, 1]
+  kNumLikelihoods = 5,
 };
 
 // How the per-element terms are reduced (the op's `reduction`).

@@ -24,7 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["Likelihood"] = py::dict(
         py::arg("NONE") = int64_t(kNone), py::arg("BERNOULLI") = int64_t(kBernoulli),
         py::arg("BERNOULLI_PROBS") = int64_t(kBernoulliProbs),
-        py::arg("GAUSSIAN") = int64_t(kGaussian));
+        py::arg("GAUSSIAN") = int64_t(kGaussian),
+        py::arg("CONTINUOUS_BERNOULLI") = int64_t(kContinuousBernoulli));
     d["Reduction"] = py::dict(
         py::arg("SUM") = int64_t(kSum), py::arg("BATCHMEAN") = int64_t(kBatchmean),
         py::arg("MEAN") = int64_t(kMean), py::arg("PER_SAMPLE") = int64_t(kPerSample),

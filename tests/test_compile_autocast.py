@@ -237,6 +237,9 @@ OP_CASES = {
     "gaussian-tensor-logvar": lambda b: _op_args(
         L.GAUSSIAN, x=_leaf(4, 2, 3, 3), y=_leaf(4, 2, 3, 3), rlv=_leaf(2, 1, 1), mu=_leaf(4, 3),
         lv=_leaf(4, 3), backend=b),
+    "continuous-bernoulli": lambda b: _op_args(
+        L.CONTINUOUS_BERNOULLI, x=_leaf(4, 16), y=_leaf(4, 16, low=0.05), mu=_leaf(4, 3),
+        lv=_leaf(4, 3), backend=b),
     "kl-learned-prior": lambda b: _op_args(
         L.NONE, mu=_leaf(4, 5), lv=_leaf(4, 5), pmu=_leaf(5), plv=_leaf(5), backend=b),
     "elbo-reduction-none": lambda b: _op_args(

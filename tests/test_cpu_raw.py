@@ -1150,7 +1150,7 @@ _MU = torch.randn(2, 4)
 BAD = {
     # what only a direct caller of the op can get wrong: check_structure
     "api": (dict(api=7), ValueError, "unknown api code 7"),
-    "kind": (dict(kind=4), ValueError, "unknown kind code 4"),
+    "kind": (dict(kind=len(Likelihood)), ValueError, f"unknown kind code {len(Likelihood)}"),
     "kind_negative": (dict(kind=-1), ValueError, "unknown kind code -1"),
     "reduction": (dict(reduction=5), ValueError, "unknown reduction code 5"),
     "backend": (dict(backend=2), ValueError, "unknown backend code 2"),

@@ -29,6 +29,7 @@ ELBO = {
     "bernoulli": lambda: dict(recon=g(3, 8, scale=2), target=g(3, 8, low=0.1)),
     "bernoulli_probs": lambda: dict(recon=g(3, 8, low=0.1), target=g(3, 8, low=0.1)),
     "gaussian": lambda: dict(recon=g(3, 2, 4), target=g(3, 2, 4), recon_logvar=g(2, 1, scale=0.5)),
+    "continuous_bernoulli": lambda: dict(recon=g(3, 8, scale=2), target=g(3, 8, low=0.1)),
 }
 
 

@@ -48,6 +48,8 @@ def build(case, shape, dt, dt2, seed=0):
         return "gaussian_kl", dict(mu=mu, logvar=lv, prior_mu=n(Z, dtype=dt2), prior_logvar=n(Z, scale=0.5, dtype=dt2)), {}, "vae"
     if case == "elbo_bernoulli":
         return "elbo_loss", dict(recon=n(*shape, scale=3), target=u(*shape), mu=mu, logvar=lv), dict(beta=0.7, return_terms=True), "elbo"
+    if case == "elbo_continuous_bernoulli":
+        return "elbo_loss", dict(recon=n(*shape, scale=3), target=u(*shape), mu=mu, logvar=lv), dict(likelihood="continuous_bernoulli", beta=0.7, return_terms=True), "elbo"
     if case == "elbo_probs":
         return "elbo_loss", dict(recon=u(*shape, dtype=dt), target=u(*shape), mu=mu, logvar=lv), dict(likelihood="bernoulli_probs"), "elbo"
     if case == "elbo_gaussian_prior":
@@ -64,7 +66,7 @@ def build(case, shape, dt, dt2, seed=0):
 FAMILY = {"bernoulli_nll": "vae", "gaussian_nll": "vae", "gaussian_kl": "vae", "elbo_loss": "elbo",
           "binary_cross_entropy_with_logits": "torch", "binary_cross_entropy": "torch"}
 CASES = ("bernoulli", "bernoulli_bool", "gaussian_float_logvar", "gaussian_full_logvar",
-         "gaussian_channel_logvar", "kl_standard", "kl_learned_prior", "elbo_bernoulli", "elbo_probs",
+         "gaussian_channel_logvar", "kl_standard", "kl_learned_prior", "elbo_bernoulli", "elbo_continuous_bernoulli", "elbo_probs",
          "elbo_gaussian_prior", "bce_logits", "bce_probs")
 
 

@@ -260,9 +260,10 @@ def cases(draw, fn):
         kw["reduction"] = draw(st.sampled_from(["batchmean", "sum", "mean", "none"]))
     elif fn in ("gaussian_kl", "elbo_loss"):
         if fn == "elbo_loss":
-            kind = draw(st.sampled_from(["bernoulli", "bernoulli_probs", "gaussian"]))
+            kind = draw(st.sampled_from(["bernoulli", "bernoulli_probs", "gaussian", "continuous_bernoulli"]))
             kw["likelihood"] = kind
-            role = {"bernoulli": "logit", "bernoulli_probs": "prob", "gaussian": "real"}[kind]
+            role = {"bernoulli": "logit", "bernoulli_probs": "prob", "gaussian": "real",
+                    "continuous_bernoulli": "logit"}[kind]
             b.add("recon", shape, role)
             b.add("target", shape, "real" if kind == "gaussian" else "unit",
                   allow_bool=kind != "gaussian")

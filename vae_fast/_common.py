@@ -13,7 +13,7 @@ import torch
 VAE_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 ELBO_REDUCTIONS = ("batchmean", "sum", "none")
 TORCH_REDUCTIONS = ("mean", "sum", "none")
-LIKELIHOODS = ("bernoulli", "bernoulli_probs", "gaussian")
+LIKELIHOODS = ("bernoulli", "bernoulli_probs", "gaussian", "continuous_bernoulli")
 
 ParamLike = Union[None, float, torch.Tensor]
 
@@ -156,7 +156,7 @@ class Problem(NamedTuple):
     VAE_REDUCTIONS or "elementwise" (the drop-in BCE's "none"). `loss = nll + beta * kl`.
     """
 
-    kind: str  # "none", "bernoulli", "bernoulli_probs" or "gaussian"
+    kind: str  # "none" or one of LIKELIHOODS
     x: Optional[torch.Tensor]
     y: Optional[torch.Tensor]
     rlv: ParamLike

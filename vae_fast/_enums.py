@@ -12,6 +12,7 @@ class Likelihood(enum.IntEnum):
     BERNOULLI = 1  # recon are logits
     BERNOULLI_PROBS = 2  # recon are probabilities (F.binary_cross_entropy semantics)
     GAUSSIAN = 3  # recon are means
+    CONTINUOUS_BERNOULLI = 4  # recon are logits of a continuous Bernoulli on [0, 1]
 
 
 class Reduction(enum.IntEnum):

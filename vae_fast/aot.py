@@ -142,7 +142,7 @@ def builtin_cases():
     cases = []
     for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float64, "fp64")):
         aligned = dname in ("fp32", "bf16")
-        for lik in ("bernoulli", "bernoulli_bool", "bernoulli_probs", "gaussian"):
+        for lik in ("bernoulli", "bernoulli_bool", "bernoulli_probs", "gaussian", "continuous_bernoulli"):
             cases.append((f"elbo {lik} {dname} batchmean", elbo(lik, dtype), aligned))
         cases.append((f"elbo bernoulli {dname} none", elbo("bernoulli", dtype, "none"), aligned))
     cases.append(("elbo gaussian fp32 per-pixel logvar, learned (Z,) prior",

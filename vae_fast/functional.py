@@ -18,7 +18,8 @@ _Tensor = torch.Tensor
 _op = torch.ops.vae_fast.fused_loss.default if _ext.module is not None else None
 
 _KINDS = {"bernoulli": int(Likelihood.BERNOULLI), "bernoulli_probs": int(Likelihood.BERNOULLI_PROBS),
-          "gaussian": int(Likelihood.GAUSSIAN)}
+          "gaussian": int(Likelihood.GAUSSIAN),
+          "continuous_bernoulli": int(Likelihood.CONTINUOUS_BERNOULLI)}
 _VAE_REDUCTIONS = {"batchmean": int(Reduction.BATCHMEAN), "sum": int(Reduction.SUM),
                    "mean": int(Reduction.MEAN), "none": int(Reduction.PER_SAMPLE)}
 _ELBO_REDUCTIONS = {k: v for k, v in _VAE_REDUCTIONS.items() if k != "mean"}
@@ -125,7 +126,9 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
     "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, or a tensor;
-    `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows).
+    `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows),
+    "continuous_bernoulli" (recon are logits z of a continuous Bernoulli on [0, 1]: the
+    Bernoulli's `softplus(z) - y*z` minus its log-normalizer `log(z / tanh(z/2))`).
     capacity: C of the capacity objective (Burgess et al. 2018), `nll + beta * |kl - C|` on the
     KL as reduced; a number or a 0-d tensor (anneal it under torch.compile without recompiling).
     free_bits: lambda of free bits (Kingma et al. 2016): the KL term becomes

@@ -39,15 +39,44 @@ class _BernoulliProbsNLL(torch.autograd.Function):
         return gx, gy
 
 
+# log C(z) = log(z / tanh(z/2)) near 0, where z / tanh(z/2) is 0/0: its Taylor series in z^2
+_CB_LOG_NORM_SERIES = (math.log(2.0), 1 / 12, -7 / 1440, 31 / 90720, -127 / 4838400, 73 / 34214400)
+
+
+def continuous_bernoulli_log_norm(z: torch.Tensor) -> torch.Tensor:
+    """`log C(z) = log(z / tanh(z/2))`, the log-normalizer of the continuous Bernoulli with
+    logit z (Loaiza-Ganem & Cunningham 2019), even in z: `log|z| - log(tanh(|z|/2))`, and its
+    Taylor series for |z| under 0.5 (float32) or 0.05 (float64), where autograd's derivative of
+    the closed form, `1/z - 1/sinh(z)`, cancels; there the series' next term is under the
+    dtype's rounding."""
+    a = z.abs()
+    small = a < (0.05 if z.dtype == torch.float64 else 0.5)
+    a_big = torch.where(small, torch.ones_like(a), a)  # no 0/0 in the branch not taken
+    closed = torch.log(a_big) - torch.log(torch.tanh(0.5 * a_big))
+    z2 = z * z
+    series = torch.zeros_like(z)
+    for c in reversed(_CB_LOG_NORM_SERIES):
+        series = series * z2 + c
+    return torch.where(small, series, closed)
+
+
+def _softplus(x):
+    # torch's default threshold (20) returns x above it, off by exp(-20) = 2e-9: a float64
+    # error; past 50 the dropped exp(-x) is under float64's rounding of any loss it is in
+    return F.softplus(x, threshold=50.0)
+
+
 def _recon_elementwise(p: Problem, dt: torch.dtype) -> torch.Tensor:
     x, y = p.x.to(dt), p.y.to(dt)
     if p.kind == "bernoulli":
         if p.pw is None:
-            loss = F.softplus(x) - y * x  # softplus(z) - y*z, exact gradient at z = 0
+            loss = _softplus(x) - y * x  # softplus(z) - y*z, exact gradient at z = 0
         else:  # torch's pos_weight form: (1-y)*z + (1 + (pw-1)*y) * softplus(-z)
-            loss = (1 - y) * x + (1 + (p.pw.to(dt) - 1) * y) * F.softplus(-x)
+            loss = (1 - y) * x + (1 + (p.pw.to(dt) - 1) * y) * _softplus(-x)
     elif p.kind == "bernoulli_probs":
         loss = _BernoulliProbsNLL.apply(x, y)
+    elif p.kind == "continuous_bernoulli":
+        loss = _softplus(x) - y * x - continuous_bernoulli_log_norm(x)
     else:  # gaussian
         s = _as(p.rlv, dt)
         s_t = s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=dt, device=x.device)

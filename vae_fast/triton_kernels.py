@@ -132,6 +132,31 @@ def _recon_tile(
         dy = log_1mx - log_x
         dpw = dy  # unused
         drlv = dy  # unused
+    elif KIND == 4:  # continuous Bernoulli from logits: BCE - log(z / tanh(z/2))
+        a = tl.abs(x)
+        e = tl.exp(-a)
+        # closed forms, with e = exp(-|z|): loss [(1-y) z | -y z] + log((1-e)/|z|), gradient
+        # [(1-y) + u | -u - y], u = e/(1-e) - 1/|z|; below the bound both cancel, and the
+        # series in z take over (the bound and the series: csrc/kernels_impl.h)
+        if ACC == tl.float64:
+            series = a < 0.3
+        else:
+            series = a < 1.0
+        a_safe = tl.where(series, 1.0, a)
+        ome = 1.0 - tl.where(series, 0.5, e)
+        z2 = x * x
+        poly = z2 * (1.0 / 24.0 + z2 * (-1.0 / 2880.0 + z2 * (1.0 / 181440.0 + z2 * (
+            -1.0 / 9676800.0 + z2 * (1.0 / 479001600.0)))))
+        closed = tl.where(x >= 0, (1.0 - y) * x, -y * x) + tl.log(ome / a_safe)
+        loss = tl.where(series, x * (0.5 - y) + poly, closed)
+        u = tl.where(series, 0.5, e) / ome - 1.0 / a_safe
+        g_closed = tl.where(x >= 0, (1.0 - y) + u, -u - y)
+        g_series = (0.5 - y) + x * (1.0 / 12.0 + z2 * (-1.0 / 720.0 + z2 * (1.0 / 30240.0 + z2 * (
+            -1.0 / 1209600.0 + z2 * (1.0 / 47900160.0)))))
+        dx = tl.where(series, g_series, g_closed)
+        dy = -x
+        dpw = dy  # unused
+        drlv = dy  # unused
     else:  # Gaussian with log-variance s
         s = _load_param(rlv_ptr, off, mask, rlv_const, rlv_inner, rlv_count, RLV_MODE, ACC)
         inv_var = tl.exp(-s)

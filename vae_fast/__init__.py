@@ -11,6 +11,7 @@ from .functional import (
     gaussian_kl,
     gaussian_nll,
 )
+from .mixture import mixture_prior_kl
 from .modules import BCELoss, BCEWithLogitsLoss, BernoulliNLLLoss, ELBOLoss, GaussianKLLoss, GaussianNLLLoss
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BCELoss", "BCEWithLogitsLoss", "BernoulliNLLLoss", "ELBOLoss", "ELBOTerms", "GaussianKLLoss",
     "GaussianNLLLoss", "bernoulli_nll", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "elbo_loss", "gaussian_kl", "gaussian_nll", "use_backend",
+    "elbo_loss", "gaussian_kl", "gaussian_nll", "mixture_prior_kl", "use_backend",
 ]

@@ -316,3 +316,31 @@ def parse_bce(input, target, weight, reduction, pos_weight, *, logits: bool) -> 
     return _finish(Problem(kind, input, target, None, weight, pos_weight, False, **_NO_KL,
                            reduction="elementwise" if reduction == "none" else reduction),
                    x="input", y="target", w="weight", pw="pos_weight")
+
+
+def parse_mixture_prior_kl(z, mu, logvar, prior_mu, prior_logvar, prior_logits, reduction):
+    """The checks of mixture_prior_kl (both paths); returns (logvar, prior_logvar, reduction)."""
+    reduction = check_reduction(reduction, ELBO_REDUCTIONS)
+    check_main("z", z)
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (batch, latent), got shape {tuple(z.shape)}")
+    check_same_shape("mu", mu, "z", z)
+    logvar = check_param("logvar", logvar, "z", z, allow_none=False)
+    check_main("prior_mu", prior_mu, allow_scalar=True)
+    if prior_mu.dim() != 2 or prior_mu.shape[0] == 0 or prior_mu.shape[1] != z.shape[1]:
+        raise ValueError(f"prior_mu must have shape (K, Z) with K >= 1 components and the latent "
+                         f"size of z, Z = {z.shape[1]}: got prior_mu {tuple(prior_mu.shape)} "
+                         f"and z {tuple(z.shape)}")
+    prior_logvar = check_param("prior_logvar", prior_logvar, "prior_mu", prior_mu, allow_none=False)
+    if prior_logits is not None:
+        if not isinstance(prior_logits, torch.Tensor):
+            raise TypeError(f"prior_logits must be a torch.Tensor or None, got "
+                            f"{type(prior_logits).__name__}")
+        if not prior_logits.is_floating_point():
+            raise TypeError(f"prior_logits must be a floating point tensor, got dtype {prior_logits.dtype}")
+        if prior_logits.shape != prior_mu.shape[:1]:
+            raise ValueError(f"prior_logits must have shape (K,) = ({prior_mu.shape[0]},), one per "
+                             f"component of prior_mu {tuple(prior_mu.shape)}: got {tuple(prior_logits.shape)}")
+    check_devices(z=z, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                  prior_logits=prior_logits)
+    return logvar, prior_logvar, reduction

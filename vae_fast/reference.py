@@ -171,3 +171,26 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
 def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     """`torch.nn.functional.binary_cross_entropy` (log clamped at -100), in float32/float64."""
     return compute(C.parse_bce(input, target, weight, reduction, None, logits=False))
+
+
+def mixture_prior_kl(z, mu, logvar, prior_mu, prior_logvar, prior_logits=None, *,
+                     reduction="batchmean"):
+    """`log q(z|x) - log p(z)` for a Gaussian-mixture prior, written as the formula: a
+    (B, K, Z) broadcast and torch.logsumexp, in float64 when any input is float64, else
+    float32."""
+    logvar, prior_logvar, reduction = C.parse_mixture_prior_kl(
+        z, mu, logvar, prior_mu, prior_logvar, prior_logits, reduction)
+    dt = C.acc_dtype(z, mu, logvar, prior_mu, prior_logvar, prior_logits)
+    z, mu, pm = z.to(dt), mu.to(dt), prior_mu.to(dt)
+    lv, plv = (p.to(dt) if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=dt, device=z.device)
+               for p in (logvar, prior_logvar))
+
+    def log_normal(x, m, s):
+        return -0.5 * (2 * HALF_LOG_2PI + s + (x - m) ** 2 * torch.exp(-s))
+
+    K = pm.shape[0]
+    log_w = (torch.full((K,), -math.log(K), dtype=dt, device=z.device) if prior_logits is None
+             else torch.log_softmax(prior_logits.to(dt), 0))
+    log_q = log_normal(z, mu, lv).sum(1)
+    log_p = torch.logsumexp(log_w + log_normal(z[:, None, :], pm, plv).sum(2), 1)
+    return C.reduce_terms(log_q - log_p, reduction)

@@ -451,3 +451,90 @@ def test_continuous_bernoulli_compiles_as_one_graph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gx, torch.autograd.grad(want, x)[0], rtol=1e-5, atol=1e-6)
     assert "continuous_bernoulli" in repr(crit)
+
+
+# --- recon_logvar="optimal": the sigma-VAE calibrated decoder -------------------------------
+
+def eager_sigma_vae(x, y, mu, lv, *, beta, full, reduction, detach_sigma=False):
+    """Rybkin et al. 2021: sigma*^2 = mean over the batch of (y - x)^2, then the Gaussian NLL
+    with that variance per pixel, summed per example, + beta KL."""
+    var = ((y - x) ** 2).mean()
+    if detach_sigma:
+        var = var.detach()
+    nll = 0.5 * (torch.log(var) + (y - x) ** 2 / var)
+    if full:
+        nll = nll + HALF_LOG_2PI
+    per = nll.flatten(1).sum(1) + beta * 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(1)
+    return {"none": per, "sum": per.sum(), "batchmean": per.sum() / x.shape[0]}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("full", (True, False))
+def test_sigma_vae_optimal_matches_eager(backend, reduction, dtype, full):
+    """Values and gradients; with "none" under a per-example grad_output, where the terms
+    through sigma* do not cancel (checked: dropping them changes the gradient)."""
+    x, y, mu, lv, _ = _inputs(dtype, grad=True)
+    w = torch.rand(x.shape[0], dtype=dtype) + 0.5 if reduction == "none" else torch.tensor(1.0, dtype=dtype)
+    got = vae_fast.elbo_loss(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", full=full,
+                             beta=0.7, reduction=reduction)
+    grads = torch.autograd.grad((got * w).sum(), (x, mu, lv))
+    ref64 = [t.detach().double().requires_grad_() for t in (x, y, mu, lv)]
+    want = eager_sigma_vae(*ref64, beta=0.7, full=full, reduction=reduction)
+    want_grads = torch.autograd.grad((want * w.double()).sum(), [ref64[i] for i in (0, 2, 3)])
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **tol)
+    twin = R.elbo_loss(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", full=full,
+                       beta=0.7, reduction=reduction)
+    torch.testing.assert_close(twin, want.to(dtype), **tol)
+    if reduction == "none":
+        frozen = eager_sigma_vae(*ref64, beta=0.7, full=full, reduction=reduction, detach_sigma=True)
+        (gx_frozen,) = torch.autograd.grad((frozen * w.double()).sum(), ref64[0])
+        assert (gx_frozen - want_grads[0]).abs().max() > 100 * tol["atol"]
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_sigma_vae_optimal_gradcheck(backend, reduction):
+    x, y, mu, lv, _ = _inputs(torch.float64, shape=(3, 2, 3, 2), z=4)
+    args = [t.requires_grad_() for t in (x, y, mu, lv)]
+    assert torch.autograd.gradcheck(
+        lambda *a: tuple(vae_fast.elbo_loss(*a, likelihood="gaussian", recon_logvar="optimal",
+                                            beta=0.6, reduction=reduction, return_terms=True)), args)
+
+
+def test_sigma_vae_optimal_with_kl_objectives(backend):
+    x, y, mu, lv, _ = _inputs(torch.float64)
+    t = vae_fast.elbo_loss(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", return_terms=True)
+    cap = vae_fast.elbo_loss(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", beta=2.0,
+                             capacity=1.5)
+    torch.testing.assert_close(cap, t.nll + 2.0 * (t.kl - 1.5).abs())
+    fb = vae_fast.elbo_loss(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", free_bits=0.4)
+    per_dim = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).mean(0)
+    torch.testing.assert_close(fb, t.nll + per_dim.clamp_min(0.4).sum())
+
+
+@pytest.mark.parametrize("fn", (vae_fast.elbo_loss, R.elbo_loss), ids=("fused", "reference"))
+def test_sigma_vae_optimal_bad_arguments_raise(fn):
+    x, y, mu, lv = torch.randn(2, 5), torch.rand(2, 5), torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="recon_logvar='optimal'.*likelihood='bernoulli'"):
+        fn(x, y, mu, lv, likelihood="bernoulli", recon_logvar="optimal")
+    with pytest.raises(ValueError, match="recon_logvar must be None, a number, a tensor or 'optimal'"):
+        fn(x, y, mu, lv, likelihood="gaussian", recon_logvar="best")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", reduction="mean")
+    with pytest.raises(ValueError, match="free_bits needs reduction"):
+        fn(x, y, mu, lv, likelihood="gaussian", recon_logvar="optimal", free_bits=0.1, reduction="none")
+
+
+def test_sigma_vae_optimal_compiles_as_one_graph():
+    torch._dynamo.reset()
+    x, y, mu, lv, _ = _inputs(torch.float32, grad=True)
+    crit = vae_fast.ELBOLoss(likelihood="gaussian", recon_logvar="optimal")
+    got = torch.compile(lambda *a: crit(*a), fullgraph=True)(x, y, mu, lv)
+    want = eager_sigma_vae(x, y, mu, lv, beta=1.0, full=True, reduction="batchmean")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0],
+                               rtol=1e-5, atol=1e-6)
+    assert "recon_logvar='optimal'" in repr(crit)

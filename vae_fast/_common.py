@@ -264,6 +264,35 @@ def kl_objective(terms: ELBOTerms, beta, capacity, free_bits, reduction, batch: 
     return ELBOTerms(terms.nll + beta * kl_term, terms.nll, terms.kl)
 
 
+def is_optimal(recon_logvar, likelihood) -> bool:
+    """Is `recon_logvar` the sigma-VAE's "optimal"? Any other string raises, as does "optimal"
+    with a likelihood other than the Gaussian."""
+    if not isinstance(recon_logvar, str):
+        return False
+    if recon_logvar != "optimal":
+        raise ValueError(f"recon_logvar must be None, a number, a tensor or 'optimal', got {recon_logvar!r}")
+    if likelihood != "gaussian":
+        raise ValueError(f"recon_logvar='optimal' is the Gaussian decoder's shared variance; it is "
+                         f"only used with likelihood='gaussian', got likelihood={likelihood!r}")
+    return True
+
+
+def optimal_gaussian_terms(per: ELBOTerms, pixels: int, full: bool, beta, reduction) -> ELBOTerms:
+    """The sigma-VAE calibrated decoder (Rybkin et al. 2021) from the per-example terms of the
+    unit-variance Gaussian ELBO without its constant (per.nll = 0.5 * S_b, S_b = sum of squared
+    errors of example b): one variance for the batch, sigma*^2 = sum_b S_b / (B * pixels), and
+    nll_b = 0.5 * (pixels * log sigma*^2 + S_b / sigma*^2) (+ pixels * 0.5 log 2 pi when full),
+    whose sum is (N/2)(log sigma*^2 + 1 [+ log 2 pi]). sigma* is not detached: autograd carries
+    its terms, which cancel for a uniform grad_output but not for a per-example one."""
+    sse = 2.0 * per.nll
+    var = sse.sum() / (sse.shape[0] * pixels)
+    nll = 0.5 * (pixels * torch.log(var) + sse / var)
+    if full:
+        nll = nll + pixels * 0.9189385332046727  # 0.5 * log(2 * pi)
+    nll, kl = reduce_terms(nll, reduction), reduce_terms(per.kl, reduction)
+    return ELBOTerms(nll + beta * kl, nll, kl)
+
+
 def check_full(full, likelihood) -> bool:
     """`full` (keep the Gaussian's 0.5*log(2*pi) per pixel): a bool, and False only where
     there is that constant to drop."""

@@ -125,8 +125,10 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     """Negative ELBO `nll(recon, target) + beta * kl(mu, logvar)` in one fused pass.
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
-    "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, or a tensor;
-    `full=False` drops the constant 0.5*log(2*pi) per pixel, as `gaussian_nll` allows),
+    "gaussian" (recon are means; `recon_logvar` None = unit variance, a number, a tensor, or
+    "optimal": the sigma-VAE's one variance for the batch, sigma*^2 = mean((target - recon)^2),
+    Rybkin et al. 2021; `full=False` drops the constant 0.5*log(2*pi) per pixel, as
+    `gaussian_nll` allows),
     "continuous_bernoulli" (recon are logits z of a continuous Bernoulli on [0, 1]: the
     Bernoulli's `softplus(z) - y*z` minus its log-normalizer `log(z / tanh(z/2))`).
     capacity: C of the capacity objective (Burgess et al. 2018), `nll + beta * |kl - C|` on the
@@ -137,6 +139,21 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted (and unfloored).
     """
+    if C.is_optimal(recon_logvar, likelihood):  # the per-example terms, then sigma*
+        C.check_full(full, likelihood)
+        C.check_reduction(reduction, C.ELBO_REDUCTIONS)
+        if free_bits is not None:
+            free_bits = C.check_free_bits(free_bits, reduction, capacity)
+        elif capacity is not None:
+            capacity = C.check_capacity(capacity)
+        per = elbo_loss(recon, target, mu, logvar, likelihood="gaussian", full=False,
+                        prior_mu=prior_mu, prior_logvar=prior_logvar, beta=beta, reduction="none",
+                        return_terms=True)
+        out = C.optimal_gaussian_terms(per, recon[0].numel(), full, beta, reduction)
+        if free_bits is not None or capacity is not None:
+            out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                                 lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+        return out if return_terms else out.loss
     if free_bits is not None or capacity is not None:  # the plain terms, then the KL objective
         if free_bits is not None:
             free_bits = C.check_free_bits(free_bits, reduction, capacity)

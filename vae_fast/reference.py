@@ -147,8 +147,23 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
               free_bits=None, reduction="batchmean", return_terms=False):
-    """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; with `capacity` C,
+    """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; `recon_logvar="optimal"`:
+    the sigma-VAE's shared variance (see vae_fast._common.optimal_gaussian_terms); with `capacity` C,
     `nll + beta * |kl - C|`; with `free_bits` lambda, `nll + beta * sum_j max(lambda, mean_b KL_bj)`."""
+    if C.is_optimal(recon_logvar, likelihood):
+        C.check_full(full, likelihood)
+        C.check_reduction(reduction, C.ELBO_REDUCTIONS)
+        if free_bits is not None:
+            free_bits = C.check_free_bits(free_bits, reduction, capacity)
+        elif capacity is not None:
+            capacity = C.check_capacity(capacity)
+        per = compute(C.parse_elbo(recon, target, mu, logvar, "gaussian", 0.0, prior_mu,
+                                   prior_logvar, beta, "none", True, False))
+        out = C.optimal_gaussian_terms(per, recon[0].numel(), full, beta, reduction)
+        if free_bits is not None or capacity is not None:
+            out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                                 lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+        return out if return_terms else out.loss
     if free_bits is not None or capacity is not None:
         if free_bits is not None:
             free_bits = C.check_free_bits(free_bits, reduction, capacity)

@@ -65,7 +65,9 @@ enum Api : int64_t {
   kGaussianKl = 4,
   kBceWithLogits = 5,
   kBce = 6,
-  kNumApis = 7,
+  kSampledNll = 7,  // the NLL of K samples of recon, rows k*B + b, against one (B, ...) target
+                    // (elbo_loss with a sample dimension, iwae_loss): y is read periodically
+  kNumApis = 8,
 };
 
 // The op's nine tensor slots: a reconstruction stream (x, y and its parameters) and a KL

@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("BERNOULLI_NLL") = int64_t(kBernoulliNll),
         py::arg("GAUSSIAN_NLL") = int64_t(kGaussianNll),
         py::arg("GAUSSIAN_KL") = int64_t(kGaussianKl),
+        py::arg("SAMPLED_NLL") = int64_t(kSampledNll),
         py::arg("BCE_WITH_LOGITS") = int64_t(kBceWithLogits),
         py::arg("BCE") = int64_t(kBce));
     return d;

@@ -24,6 +24,7 @@ constexpr const char* kNames[kNumApis][kNumSlots] = {
     {"x", "y", "rlv", "w", "pw", "mu", "logvar", "prior_mu", "prior_logvar"},
     {"input", "target", "rlv", "weight", "pos_weight", "mu", "lv", "pmu", "plv"},
     {"input", "target", "rlv", "weight", "pw", "mu", "lv", "pmu", "plv"},
+    {"recon", "target", "recon_logvar", "w", "pw", "mu", "lv", "pmu", "plv"},
 };
 
 // Checked in this order, as vae_fast/_common.py's parse functions do.
@@ -62,6 +63,24 @@ class Checker {
     TORCH_CHECK_VALUE(t.sym_sizes() == p.sym_sizes(), name(s), " must have the shape of ",
                       name(partner), ": got ", name(s), " ", py_shape(t.sym_sizes()), " and ",
                       name(partner), " ", py_shape(p.sym_sizes()));
+  }
+
+  // The target of K samples (kSampledNll): partner's shape but for dim 0, which it divides;
+  // partner row r reads row r % size(0). It takes no gradient: the kernels read it once for
+  // all samples, and a gradient would have to sum K of them.
+  void tiled(int s, int partner, bool allow_bool) const {
+    main(s, allow_bool, /*allow_scalar=*/false);
+    const Tensor &t = c_[s], &p = c_[partner];
+    const SymIntArrayRef ts = t.sym_sizes(), ps = p.sym_sizes();
+    bool ok = ts.size() == ps.size() && ts.size() >= 1 && ts[0] != 0;
+    for (size_t i = 1; ok && i < ts.size(); ++i) ok = ts[i] == ps[i];
+    ok = ok && ps[0] % ts[0] == 0;
+    TORCH_CHECK_VALUE(ok, name(s), " must have the shape of each sample of ", name(partner),
+                      ": got ", name(s), " ", py_shape(ts), " and ", name(partner),
+                      " (samples * batch, ...) ", py_shape(ps));
+    TORCH_CHECK_NOT_IMPLEMENTED(!c_.need(s), name(s), " shared by several samples of ",
+                                name(partner), " takes no gradient in the fused kernels; "
+                                "detach it or use vae_fast.use_backend('reference')");
   }
 
   // A parameter tensor: floating, and broadcastable to its partner without enlarging it.
@@ -155,6 +174,8 @@ void check_structure(const Call& c) {
   TORCH_CHECK_VALUE(recon || c.has(kMu), "vae_fast: neither a reconstruction nor a KL term");
   TORCH_CHECK_VALUE(c.reduction != kElementwise || (recon && !c.has(kMu)),
                     "vae_fast: the elementwise reduction has a reconstruction term and no KL");
+  TORCH_CHECK_VALUE(c.api != kSampledNll || (recon && !c.has(kMu)),
+                    "vae_fast: api 7 (sampled NLL) has a reconstruction term and no KL");
   for (int s = 0; s < kNumSlots; ++s) {
     TORCH_CHECK_VALUE(!c.need(s) || c.has(s), "vae_fast: a gradient of ", kNames[0][s],
                       " is asked for, but ", kNames[0][s], " is not a tensor");
@@ -290,7 +311,11 @@ Plan make_plan(const Call& c) {
   const bool bce = c.api == kBceWithLogits || c.api == kBce;
   if (p.recon) {
     ck.main(kX, /*allow_bool=*/false, /*allow_scalar=*/bce);
-    ck.same_shape(kY, kX, /*allow_bool=*/c.kind != kGaussian);
+    if (c.api == kSampledNll) {
+      ck.tiled(kY, kX, /*allow_bool=*/c.kind != kGaussian);
+    } else {
+      ck.same_shape(kY, kX, /*allow_bool=*/c.kind != kGaussian);
+    }
   }
   if (p.kl) ck.main(kMu, false, false);
   if (p.recon && p.kl) ck.batch(kX, kMu);
@@ -310,6 +335,10 @@ Plan make_plan(const Call& c) {
     } else if (c.has(s)) {
       p.read[s].mode = kFull;
     }
+  }
+  if (p.recon && c[kY].sym_sizes() != c[kX].sym_sizes()) {  // a tiled target: y[off % numel]
+    p.read[kY].mode = kPeriodic;
+    p.read[kY].count = c[kY].sym_numel();
   }
   p.memory_order[0] = p.recon && memory_order(c, p, kX, {kY, kRlv, kW, kPw});
   p.memory_order[1] = p.kl && memory_order(c, p, kMu, {kLv, kPmu, kPlv});

@@ -22,8 +22,9 @@ namespace {
 
 std::atomic<int64_t> g_kernel_calls{0};
 
-// The order in which the Triton launcher takes the six parameters' modes, inners and counts.
-constexpr int kParamSlots[6] = {kRlv, kW, kPw, kLv, kPmu, kPlv};
+// The order in which the Triton launcher takes the read modes, inners and counts of the six
+// parameters and the target (full, or tiled over samples: kSampledNll).
+constexpr int kParamSlots[7] = {kRlv, kW, kPw, kLv, kPmu, kPlv, kY};
 
 // A dense tensor's elements in memory order, as a 1-D view (no copy).
 Tensor flat(const Tensor& t) {

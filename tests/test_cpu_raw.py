@@ -1149,7 +1149,7 @@ _X, _Y = torch.randn(2, 10), torch.rand(2, 10)
 _MU = torch.randn(2, 4)
 BAD = {
     # what only a direct caller of the op can get wrong: check_structure
-    "api": (dict(api=7), ValueError, "unknown api code 7"),
+    "api": (dict(api=len(Api)), ValueError, f"unknown api code {len(Api)}"),
     "kind": (dict(kind=len(Likelihood)), ValueError, f"unknown kind code {len(Likelihood)}"),
     "kind_negative": (dict(kind=-1), ValueError, "unknown kind code -1"),
     "reduction": (dict(reduction=5), ValueError, "unknown reduction code 5"),

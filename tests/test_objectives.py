@@ -12,6 +12,9 @@ import torch
 
 import vae_fast
 from vae_fast import reference as R
+from vae_fast._enums import Api, Backend, Likelihood, ParamMode, Reduction
+
+from conftest import fused_backends, require_backend
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -538,3 +541,200 @@ def test_sigma_vae_optimal_compiles_as_one_graph():
     torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0],
                                rtol=1e-5, atol=1e-6)
     assert "recon_logvar='optimal'" in repr(crit)
+
+
+# --- K samples: the Monte-Carlo ELBO (elbo_loss with recon (K, B, ...)) and IWAE ------------
+
+D = torch.distributions
+
+
+def _log_lik(likelihood, recon, target, rlv):
+    """log p(target | recon) per pixel, by torch.distributions, for recon (K, B, ...)."""
+    y = target.expand(recon.shape).to(recon.dtype)
+    if likelihood == "bernoulli":
+        return D.Bernoulli(logits=recon, validate_args=False).log_prob(y)
+    if likelihood == "bernoulli_probs":
+        return D.Bernoulli(probs=recon, validate_args=False).log_prob(y)
+    if likelihood == "continuous_bernoulli":
+        return D.ContinuousBernoulli(logits=recon, validate_args=False).log_prob(y)
+    return D.Normal(recon, torch.exp(0.5 * rlv)).log_prob(y)
+
+
+def eager_mc_elbo(likelihood, recon, target, mu, lv, rlv, *, beta, reduction):
+    nll_kb = -_log_lik(likelihood, recon, target, rlv).flatten(2).sum(2)
+    kl = D.kl_divergence(D.Normal(mu, torch.exp(0.5 * lv)), D.Normal(0.0, 1.0)).sum(1)
+    per = nll_kb.mean(0) + beta * kl
+    return {"none": per, "sum": per.sum(), "batchmean": per.sum() / per.shape[0]}[reduction]
+
+
+def eager_iwae(likelihood, recon, target, z, mu, lv, rlv, *, reduction):
+    log_px = _log_lik(likelihood, recon, target, rlv).flatten(2).sum(2)
+    log_pz = D.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_qz = D.Normal(mu, torch.exp(0.5 * lv)).log_prob(z).sum(-1)
+    per = -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(z.shape[0]))
+    return {"none": per, "sum": per.sum(), "batchmean": per.sum() / per.shape[0]}[reduction]
+
+
+def _sampled_inputs(likelihood, dtype, *, k=5, shape=(3, 2, 4, 5), z_dim=6, rlv_kind="channel", seed=4):
+    g = torch.Generator().manual_seed(seed)
+
+    def n(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    b = shape[0]
+    mu, lv = n(b, z_dim), n(b, z_dim, scale=0.5)
+    z = mu + torch.exp(0.5 * lv) * n(k, b, z_dim)
+    if likelihood == "bernoulli_probs":
+        recon = (torch.rand(k, *shape, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
+    else:
+        recon = n(k, *shape, scale=2.0)
+    target = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+    rlv = None
+    if likelihood == "gaussian":
+        target = n(*shape)
+        rlv = {"channel": n(shape[1], 1, 1, scale=0.5), "full": n(k, *shape, scale=0.5),
+               "number": -0.3}[rlv_kind]
+    return recon, target, z, mu, lv, rlv
+
+
+LIKS = ("bernoulli", "bernoulli_probs", "gaussian", "continuous_bernoulli")
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("likelihood", LIKS)
+def test_mc_elbo_matches_eager(backend, reduction, dtype, likelihood):
+    recon, target, _, mu, lv, rlv = _sampled_inputs(likelihood, dtype)
+    leaves = [t.requires_grad_() for t in (recon, mu, lv)] + ([rlv.requires_grad_()] if likelihood == "gaussian" else [])
+    got = vae_fast.elbo_loss(recon, target, mu, lv, likelihood=likelihood, recon_logvar=rlv,
+                             beta=0.7, reduction=reduction, return_terms=True)
+    w = torch.rand(got.loss.shape, dtype=dtype) + 0.5
+    grads = torch.autograd.grad((got.loss * w).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    r_rlv = ref[3] if likelihood == "gaussian" else None
+    want = eager_mc_elbo(likelihood, ref[0], target.double(), ref[1], ref[2], r_rlv, beta=0.7,
+                         reduction=reduction)
+    want_grads = torch.autograd.grad((want * w.double()).sum(), ref)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.loss, want.to(dtype), **tol)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **tol)
+    twin = R.elbo_loss(recon, target, mu, lv, likelihood=likelihood, recon_logvar=rlv, beta=0.7,
+                       reduction=reduction, return_terms=True)
+    for a, b in zip(twin, got):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("likelihood", LIKS)
+def test_iwae_matches_eager(backend, reduction, dtype, likelihood):
+    recon, target, z, mu, lv, rlv = _sampled_inputs(likelihood, dtype)
+    leaves = [t.requires_grad_() for t in (recon, z, mu, lv)] + ([rlv.requires_grad_()] if likelihood == "gaussian" else [])
+    got = vae_fast.iwae_loss(recon, target, z, mu, lv, likelihood=likelihood, recon_logvar=rlv,
+                             reduction=reduction)
+    w = torch.rand(got.shape, dtype=dtype) + 0.5
+    grads = torch.autograd.grad((got * w).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = eager_iwae(likelihood, ref[0], target.double(), ref[1], ref[2], ref[3],
+                      ref[4] if likelihood == "gaussian" else None, reduction=reduction)
+    want_grads = torch.autograd.grad((want * w.double()).sum(), ref)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **tol)
+    torch.testing.assert_close(R.iwae_loss(recon, target, z, mu, lv, likelihood=likelihood,
+                                           recon_logvar=rlv, reduction=reduction), got, **tol)
+
+
+@pytest.mark.parametrize("rlv_kind", ("full", "number"))
+def test_sampled_gaussian_logvar_forms(backend, rlv_kind):
+    recon, target, z, mu, lv, rlv = _sampled_inputs("gaussian", torch.float64, rlv_kind=rlv_kind)
+    got = vae_fast.iwae_loss(recon, target, z, mu, lv, likelihood="gaussian", recon_logvar=rlv, full=False)
+    rlv_t = rlv if isinstance(rlv, torch.Tensor) else torch.tensor(rlv, dtype=torch.float64)
+    want = eager_iwae("gaussian", recon, target, z, mu, lv, rlv_t, reduction="batchmean")
+    torch.testing.assert_close(got, want - HALF_LOG_2PI * target[0].numel(), rtol=1e-10, atol=1e-10)
+
+
+def test_iwae_with_one_sample_is_the_single_sample_elbo(backend):
+    """K = 1: -log w = nll + log q(z|x) - log p(z), the ELBO's one-sample estimate (not the
+    analytic KL): a check of the latent terms' signs."""
+    recon, target, z, mu, lv, _ = _sampled_inputs("bernoulli", torch.float64, k=1)
+    got = vae_fast.iwae_loss(recon, target, z, mu, lv, reduction="none")
+    nll = vae_fast.bernoulli_nll(recon[0], target, reduction="none")
+    log_q = D.Normal(mu, torch.exp(0.5 * lv)).log_prob(z[0]).sum(1)
+    log_p = D.Normal(0.0, 1.0).log_prob(z[0]).sum(1)
+    torch.testing.assert_close(got, nll + log_q - log_p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", ("mc_elbo", "iwae"))
+def test_sampled_gradcheck(backend, fn):
+    recon, target, z, mu, lv, rlv = _sampled_inputs("gaussian", torch.float64, k=3, shape=(2, 3, 2), z_dim=3)
+    rlv = rlv.view(3, 1)
+    args = [t.requires_grad_() for t in (recon, z, mu, lv, rlv)]
+    if fn == "mc_elbo":
+        f = lambda x, z_, m, v, s: tuple(vae_fast.elbo_loss(  # noqa: E731
+            x, target, m, v, likelihood="gaussian", recon_logvar=s, beta=0.6, reduction="none",
+            return_terms=True))
+    else:
+        f = lambda x, z_, m, v, s: vae_fast.iwae_loss(  # noqa: E731
+            x, target, z_, m, v, likelihood="gaussian", recon_logvar=s, reduction="none")
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_sampled_target_is_read_in_place():
+    """The op reads the (B, ...) target for each of the K samples periodically (y[off % B*n]),
+    never an expanded copy: csrc/plan.cpp's read of the target slot says so."""
+    require_backend("cpu")
+    k, b = 7, 3
+    x, y = torch.randn(k * b, 2, 5), torch.rand(b, 2, 5)
+    ints, _ = torch.ops.vae_fast.plan(
+        x, y, None, None, None, None, None, None, None, None, int(Api.SAMPLED_NLL),
+        int(Likelihood.BERNOULLI), int(Reduction.PER_SAMPLE),
+        True, 0.0, 0.0, 0.0, 0.0, 1.0, int(Backend.CPU), 0)
+    modes, inners, counts = ints[7:16], ints[16:25], ints[25:34]
+    assert (modes[1], inners[1], counts[1]) == (int(ParamMode.PERIODIC), 1, y.numel())
+    assert ints[0] == k * b  # one row per (sample, example)
+
+
+@pytest.mark.parametrize("fn", (vae_fast, R), ids=("fused", "reference"))
+def test_sampled_bad_arguments_raise(fn):
+    recon, target, z, mu, lv = torch.randn(4, 3, 5), torch.rand(3, 5), torch.randn(4, 3, 2), torch.randn(3, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"target must have the shape of each sample of recon"):
+        fn.elbo_loss(recon, target[:, :4], mu, lv)
+    with pytest.raises(ValueError, match=r"batch size of target \(2, 5\) differs from that of mu"):
+        fn.elbo_loss(recon[:, :2], target[:2], mu, lv)
+    with pytest.raises(ValueError, match="sample dimension of size 0"):
+        fn.elbo_loss(recon[:0], target, mu, lv)
+    with pytest.raises(ValueError, match="z must have shape"):
+        fn.iwae_loss(recon, target, z[:3], mu, lv)
+    with pytest.raises(ValueError, match="recon must be .samples, batch"):
+        fn.iwae_loss(recon[0], target, z, mu, lv)
+    with pytest.raises(ValueError, match="recon_logvar='optimal' takes no sample dimension"):
+        fn.elbo_loss(recon, target, mu, lv, likelihood="gaussian", recon_logvar="optimal")
+    with pytest.raises(ValueError, match="recon_logvar of shape .3, 5. with a sample or batch"):
+        fn.iwae_loss(recon, target, z, mu, lv, likelihood="gaussian", recon_logvar=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="free_bits needs reduction"):
+        fn.elbo_loss(recon, target, mu, lv, free_bits=0.1, reduction="none")
+
+
+def test_sampled_target_with_grad_is_refused():
+    recon, target, mu, lv = torch.randn(4, 3, 5), torch.rand(3, 5, requires_grad=True), torch.randn(3, 2), torch.randn(3, 2)
+    for backend in fused_backends():
+        with vae_fast.use_backend(backend), pytest.raises(NotImplementedError, match="takes no gradient"):
+            vae_fast.elbo_loss(recon, target, mu, lv)
+    r = R.elbo_loss(recon, target, mu, lv)  # the reference twin differentiates the target
+    assert torch.autograd.grad(r, target)[0].shape == target.shape
+
+
+def test_sampled_compile_fullgraph():
+    torch._dynamo.reset()
+    recon, target, z, mu, lv, _ = _sampled_inputs("bernoulli", torch.float32)
+    recon.requires_grad_()
+    f = torch.compile(lambda *a: vae_fast.iwae_loss(*a) + vae_fast.elbo_loss(a[0], a[1], a[3], a[4]),
+                      fullgraph=True)
+    got = f(recon, target, z, mu, lv)
+    want = R.iwae_loss(recon, target, z, mu, lv) + R.elbo_loss(recon, target, mu, lv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(got, recon)[0], torch.autograd.grad(want, recon)[0],
+                               rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from .functional import (
     elbo_loss,
     gaussian_kl,
     gaussian_nll,
+    iwae_loss,
 )
 from .mixture import mixture_prior_kl
 from .modules import BCELoss, BCEWithLogitsLoss, BernoulliNLLLoss, ELBOLoss, GaussianKLLoss, GaussianNLLLoss
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BCELoss", "BCEWithLogitsLoss", "BernoulliNLLLoss", "ELBOLoss", "ELBOTerms", "GaussianKLLoss",
     "GaussianNLLLoss", "bernoulli_nll", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "elbo_loss", "gaussian_kl", "gaussian_nll", "mixture_prior_kl", "use_backend",
+    "elbo_loss", "gaussian_kl", "gaussian_nll", "iwae_loss", "mixture_prior_kl", "use_backend",
 ]

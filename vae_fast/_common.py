@@ -5,6 +5,7 @@ these, so a bad argument raises the same error, with the same words, whichever p
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Union
 
@@ -291,6 +292,86 @@ def optimal_gaussian_terms(per: ELBOTerms, pixels: int, full: bool, beta, reduct
         nll = nll + pixels * 0.9189385332046727  # 0.5 * log(2 * pi)
     nll, kl = reduce_terms(nll, reduction), reduce_terms(per.kl, reduction)
     return ELBOTerms(nll + beta * kl, nll, kl)
+
+
+def sample_count(recon, target):
+    """K when `recon` carries a leading sample dimension over `target`, (K, B, ...) against
+    (B, ...): the Monte-Carlo ELBO and IWAE. None otherwise (the plain call checks the rest)."""
+    if isinstance(recon, torch.Tensor) and isinstance(target, torch.Tensor) and target.dim() >= 1 \
+            and recon.dim() == target.dim() + 1:
+        return recon.shape[0]
+    return None
+
+
+def check_samples(recon, target, mu, likelihood, recon_logvar):
+    """The checks of a call with K samples: recon (K, B, ...), target (B, ...), mu (B, Z);
+    recon_logvar None, a number, or a tensor of recon's shape or one that broadcasts to a
+    single sample's. Returns recon_logvar as the kernels take it (None = unit variance)."""
+    likelihood = check_likelihood(likelihood)
+    check_main("recon", recon)
+    check_main("target", target, allow_bool=likelihood != "gaussian")
+    if recon.shape[1:] != target.shape:
+        raise ValueError(f"target must have the shape of each sample of recon: got target "
+                         f"{tuple(target.shape)} and recon (samples, ...) {tuple(recon.shape)}")
+    if recon.shape[0] == 0:
+        raise ValueError(f"recon has a sample dimension of size 0 (shape {tuple(recon.shape)}); "
+                         f"it needs at least one sample")
+    check_main("mu", mu)
+    check_batch("target", target, "mu", mu)
+    if isinstance(recon_logvar, str):
+        raise ValueError("recon_logvar='optimal' takes no sample dimension: give recon as (B, ...)")
+    if likelihood != "gaussian":
+        if recon_logvar is not None:
+            raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+        return None
+    rlv = check_param("recon_logvar", recon_logvar, "recon", recon)
+    if isinstance(rlv, torch.Tensor) and rlv.shape != recon.shape and rlv.dim() >= target.dim() \
+            and any(n != 1 for n in rlv.shape[:rlv.dim() - target.dim() + 1]):
+        raise ValueError(f"recon_logvar of shape {tuple(rlv.shape)} with a sample or batch "
+                         f"dimension must have recon's shape {tuple(recon.shape)}")
+    return rlv
+
+
+def sampled_terms(nll_kb: torch.Tensor, kl_b: torch.Tensor, beta, reduction) -> ELBOTerms:
+    """The Monte-Carlo ELBO over K samples: per example, mean_k nll_kb + beta * KL_b, in the
+    wider of the two terms' dtypes."""
+    dt = torch.promote_types(nll_kb.dtype, kl_b.dtype)
+    nll_kb, kl_b = nll_kb.to(dt), kl_b.to(dt)
+    nll, kl = reduce_terms(nll_kb.mean(0), reduction), reduce_terms(kl_b, reduction)
+    return ELBOTerms(nll + beta * kl, nll, kl)
+
+
+def parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction):
+    """The checks of iwae_loss (both paths); returns (recon_logvar, logvar) as checked."""
+    check_reduction(reduction, ELBO_REDUCTIONS)
+    check_main("recon", recon)
+    check_main("target", target, allow_bool=True)
+    if sample_count(recon, target) is None:
+        raise ValueError(f"recon must be (samples, batch, ...) over target (batch, ...): got recon "
+                         f"{tuple(recon.shape)} and target {tuple(target.shape)}")
+    rlv = check_samples(recon, target, mu, likelihood, recon_logvar)
+    check_full(full, likelihood)
+    check_main("z", z)
+    if mu.dim() != 2 or z.dim() != 3 or z.shape != (recon.shape[0], *mu.shape):
+        raise ValueError(f"z must have shape (samples, batch, latent) = ({recon.shape[0]}, "
+                         f"*mu.shape) with mu (batch, latent): got z {tuple(z.shape)} and mu "
+                         f"{tuple(mu.shape)}")
+    logvar = check_param("logvar", logvar, "mu", mu, allow_none=False)
+    check_devices(recon=recon, target=target, recon_logvar=rlv, z=z, mu=mu, logvar=logvar)
+    return rlv, logvar
+
+
+def iwae_terms(nll_kb: torch.Tensor, z, mu, logvar, reduction) -> torch.Tensor:
+    """IWAE (Burda et al. 2016): log w_kb = -nll_kb + log N(z_kb; 0, I) - log N(z_kb; mu_b,
+    e^logvar_b), loss_b = -(logsumexp_k log w_kb - log K). The latent terms are summed over Z
+    on (K, B, Z) values; their 0.5 log 2 pi cancel."""
+    dt = nll_kb.dtype
+    z, mu = z.to(dt), mu.to(dt)
+    lv = logvar.to(dt) if isinstance(logvar, torch.Tensor) else torch.tensor(logvar, dtype=dt, device=z.device)
+    latent = -0.5 * (z * z - lv - (z - mu) ** 2 * torch.exp(-lv)).sum(-1)
+    k = nll_kb.shape[0]
+    per = -(torch.logsumexp(latent - nll_kb, 0) - math.log(k))
+    return reduce_terms(per, reduction)
 
 
 def check_full(full, likelihood) -> bool:

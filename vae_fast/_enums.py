@@ -60,6 +60,7 @@ class Api(enum.IntEnum):
     GAUSSIAN_KL = 4
     BCE_WITH_LOGITS = 5
     BCE = 6
+    SAMPLED_NLL = 7  # K samples of recon (rows k*B + b) against one (B, ...) target
 
 
 ENUMS = (Likelihood, Reduction, RedMode, ParamMode, Backend, Api)

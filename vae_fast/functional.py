@@ -28,7 +28,8 @@ _TORCH_REDUCTIONS = {"mean": int(Reduction.MEAN), "sum": int(Reduction.SUM),
 _NONE, _GAUSSIAN = int(Likelihood.NONE), int(Likelihood.GAUSSIAN)
 _BERNOULLI, _PROBS = int(Likelihood.BERNOULLI), int(Likelihood.BERNOULLI_PROBS)
 _ELBO, _BNLL, _GNLL, _GKL = int(Api.ELBO_LOSS), int(Api.BERNOULLI_NLL), int(Api.GAUSSIAN_NLL), int(Api.GAUSSIAN_KL)
-_BCE_LOGITS, _BCE = int(Api.BCE_WITH_LOGITS), int(Api.BCE)
+_BCE_LOGITS, _BCE, _SAMPLED = int(Api.BCE_WITH_LOGITS), int(Api.BCE), int(Api.SAMPLED_NLL)
+_PER_SAMPLE = int(Reduction.PER_SAMPLE)
 
 
 def _reduction(reduction, table: dict, allowed: tuple) -> int:
@@ -119,6 +120,67 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
                0.0, lv_c, pmu_c, plv_c, 1.0, backend)[0]
 
 
+def _sampled_nll(recon, target, rlv, kind: int, full: bool, backend: int):
+    """(K, B) per-sample NLLs of recon (K, B, ...) against target (B, ...), checked, in one
+    fused pass that reads the target for every sample without copying it (the op's
+    SAMPLED_NLL api)."""
+    rlv, rlv_c = _param("recon_logvar", rlv)
+    if rlv is not None and rlv.dim() == recon.dim():
+        rlv = rlv.flatten(0, 1)
+    nll = _op(recon.flatten(0, 1), target, rlv, None, None, None, None, None, None, None, _SAMPLED,
+              kind, _PER_SAMPLE, full, rlv_c, 0.0, 0.0, 0.0, 1.0, backend)[0]
+    return nll.view(recon.shape[0], -1)
+
+
+def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
+                  prior_logvar, beta, capacity, free_bits, reduction, return_terms):
+    """elbo_loss with K samples: the Monte-Carlo ELBO (checks, then two fused passes: the
+    pixels of every sample, the KL of every example)."""
+    C.check_reduction(reduction, C.ELBO_REDUCTIONS)
+    beta = C.check_beta(beta)
+    if free_bits is not None:
+        free_bits = C.check_free_bits(free_bits, reduction, capacity)
+    elif capacity is not None:
+        capacity = C.check_capacity(capacity)
+    rlv = C.check_samples(recon, target, mu, likelihood, recon_logvar)
+    C.check_full(full, likelihood)
+    C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, "none")
+    C.check_devices(recon=recon, target=target, recon_logvar=rlv, mu=mu, logvar=logvar,
+                    prior_mu=prior_mu, prior_logvar=prior_logvar)
+    backend = _backend.code(recon)
+    if backend is None:
+        return reference.elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
+                                   recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
+                                   prior_logvar=prior_logvar, beta=beta, capacity=capacity,
+                                   free_bits=free_bits, reduction=reduction, return_terms=return_terms)
+    nll_kb = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend)
+    kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
+    out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
+    if free_bits is not None or capacity is not None:
+        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    return out if return_terms else out.loss
+
+
+def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
+              full=True, reduction="batchmean"):
+    """The importance-weighted bound (Burda et al. 2016) over K samples z_kb ~ q(z | x_b):
+    `log w_kb = -nll(recon_kb, target_b) + log N(z_kb; 0, I) - log N(z_kb; mu_b, e^logvar_b)`,
+    loss per example `-(logsumexp_k log w_kb - log K)`, reduced as `reduction` says.
+
+    recon: (K, B, ...), the decoder's output for each sample (logits, probabilities or means,
+    as `likelihood` says); target: (B, ...), read for every sample without being copied;
+    z: (K, B, Z); mu: (B, Z); logvar: (B, Z), broadcastable, or a number. The pixels are one
+    fused pass; the latent terms and the logsumexp are plain torch on (K, B, Z) and (K, B)."""
+    rlv, logvar = C.parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction)
+    backend = _backend.code(recon)
+    if backend is None:
+        return reference.iwae_loss(recon, target, z, mu, logvar, likelihood=likelihood,
+                                   recon_logvar=recon_logvar, full=full, reduction=reduction)
+    nll_kb = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend)
+    return C.iwae_terms(nll_kb, z, mu, logvar, reduction)
+
+
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
               free_bits=None, reduction="batchmean", return_terms=False):
@@ -138,7 +200,13 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     torch on the (B, Z) values, the pixels stay fused.
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted (and unfloored).
+    recon of shape (K, B, ...) against target (B, ...): the Monte-Carlo ELBO over K samples,
+    per example `mean_k nll(recon_kb, target_b) + beta * kl_b`; the target is read for every
+    sample without being copied.
     """
+    if C.sample_count(recon, target) is not None:  # K samples: the Monte-Carlo ELBO
+        return _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
+                             prior_logvar, beta, capacity, free_bits, reduction, return_terms)
     if C.is_optimal(recon_logvar, likelihood):  # the per-example terms, then sigma*
         C.check_full(full, likelihood)
         C.check_reduction(reduction, C.ELBO_REDUCTIONS)

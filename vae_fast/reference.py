@@ -144,12 +144,56 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
     return compute(C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction))
 
 
+def _sampled_nll(recon, target, rlv, likelihood, full):
+    """(K, B) NLLs of each sample of recon against the target, the target expanded."""
+    k = recon.shape[0]
+    y = target.expand(recon.shape).flatten(0, 1)
+    if isinstance(rlv, torch.Tensor):
+        rlv = rlv.expand(recon.shape).flatten(0, 1)
+    p = Problem(likelihood, recon.flatten(0, 1), y, rlv if rlv is not None else 0.0, None, None,
+                full, None, None, None, None, 1.0, "none")
+    return compute(p).view(k, -1)
+
+
+def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
+                  prior_logvar, beta, capacity, free_bits, reduction, return_terms):
+    C.check_reduction(reduction, C.ELBO_REDUCTIONS)
+    beta = C.check_beta(beta)
+    if free_bits is not None:
+        free_bits = C.check_free_bits(free_bits, reduction, capacity)
+    elif capacity is not None:
+        capacity = C.check_capacity(capacity)
+    rlv = C.check_samples(recon, target, mu, likelihood, recon_logvar)
+    C.check_full(full, likelihood)
+    kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
+    C.check_devices(recon=recon, target=target, recon_logvar=rlv, mu=mu, logvar=logvar,
+                    prior_mu=prior_mu, prior_logvar=prior_logvar)
+    nll_kb = _sampled_nll(recon, target, rlv, likelihood, full)
+    out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
+    if free_bits is not None or capacity is not None:
+        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    return out if return_terms else out.loss
+
+
+def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
+              full=True, reduction="batchmean"):
+    """The importance-weighted bound over K samples: -(logsumexp_k log w_kb - log K), with
+    log w_kb = -nll(recon_kb, target_b) + log N(z_kb; 0, I) - log N(z_kb; mu_b, e^logvar_b)."""
+    rlv, logvar = C.parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction)
+    nll_kb = _sampled_nll(recon, target, rlv, likelihood, full)
+    return C.iwae_terms(nll_kb, z, mu, logvar, reduction)
+
+
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
               free_bits=None, reduction="batchmean", return_terms=False):
     """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; `recon_logvar="optimal"`:
     the sigma-VAE's shared variance (see vae_fast._common.optimal_gaussian_terms); with `capacity` C,
     `nll + beta * |kl - C|`; with `free_bits` lambda, `nll + beta * sum_j max(lambda, mean_b KL_bj)`."""
+    if C.sample_count(recon, target) is not None:
+        return _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
+                             prior_logvar, beta, capacity, free_bits, reduction, return_terms)
     if C.is_optimal(recon_logvar, likelihood):
         C.check_full(full, likelihood)
         C.check_reduction(reduction, C.ELBO_REDUCTIONS)

@@ -95,14 +95,17 @@ def _load_param(ptr, off, mask, const, inner, count, MODE: tl.constexpr, ACC: tl
 @triton.jit
 def _recon_tile(
     x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr, out_ptr,
-    off, mask, rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count, scale,
-    KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
-    RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+    off, mask, rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count, y_count,
+    scale, KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
+    RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr, Y_MODE: tl.constexpr,
     G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
     G_PW: tl.constexpr, ACC: tl.constexpr,
 ):
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-    y = tl.load(y_ptr + off, mask=mask, other=0).to(ACC)
+    if Y_MODE == 2:  # one target for K samples of x: element off reads y[off % y_count]
+        y = tl.load(y_ptr + off % y_count, mask=mask, other=0).to(ACC)
+    else:
+        y = tl.load(y_ptr + off, mask=mask, other=0).to(ACC)
     if KIND == 1:  # Bernoulli from logits; e = exp(-|z|) feeds softplus and sigmoid both
         e = tl.exp(-tl.abs(x))
         er = e / (1.0 + e)  # min(sigmoid(z), 1 - sigmoid(z)), accurate however confident z is
@@ -227,12 +230,12 @@ def _fused_loss_fwd_kernel(
     part_r_ptr, part_k_ptr,
     row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
     rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
-    lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count,
+    lv_inner, lv_count, pmu_inner, pmu_count, plv_inner, plv_count, y_count,
     rlv_const, rlv_const_lo, pmu_const, pmu_const_lo, plv_const, plv_const_lo,
     scale_r, scale_r_lo, scale_k, scale_k_lo,
     KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
     RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
-    LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
+    LV_MODE: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr, Y_MODE: tl.constexpr,
     G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
     G_PW: tl.constexpr, G_MU: tl.constexpr, G_LV: tl.constexpr, G_PMU: tl.constexpr,
     G_PLV: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -252,8 +255,8 @@ def _fused_loss_fwd_kernel(
         _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr,
                      gpw_ptr, out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r,
                      rlv_const, rlv_inner, rlv_count, w_inner, w_count, pw_inner, pw_count,
-                     scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE, G_X, G_Y,
-                     G_RLV, G_W, G_PW, BLOCK_R, ACC)
+                     y_count, scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE, W_MODE, PW_MODE,
+                     Y_MODE, G_X, G_Y, G_RLV, G_W, G_PW, BLOCK_R, ACC)
     elif HAS_KL:
         _kl_chunk(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
                   part_k_ptr, row, c - chunks_r, row_len_k, chunks_k, tiles_k, pmu_const,
@@ -264,10 +267,10 @@ def _fused_loss_fwd_kernel(
 @triton.jit
 def _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr,
                  out_ptr, part_r_ptr, row, c, row_len_r, chunks_r, tiles_r, rlv_const, rlv_inner,
-                 rlv_count, w_inner, w_count, pw_inner, pw_count, scale_r,
+                 rlv_count, w_inner, w_count, pw_inner, pw_count, y_count, scale_r,
                  KIND: tl.constexpr, FULL: tl.constexpr, ELEMENTWISE_OUT: tl.constexpr,
                  RLV_MODE: tl.constexpr, W_MODE: tl.constexpr, PW_MODE: tl.constexpr,
-                 G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
+                 Y_MODE: tl.constexpr, G_X: tl.constexpr, G_Y: tl.constexpr, G_RLV: tl.constexpr, G_W: tl.constexpr,
                  G_PW: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     acc = tl.zeros([BLOCK_R], ACC)
     base = row * row_len_r
@@ -276,8 +279,8 @@ def _recon_chunk(x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr,
         acc += _recon_tile(
             x_ptr, y_ptr, rlv_ptr, w_ptr, pw_ptr, gx_ptr, gy_ptr, grlv_ptr, gw_ptr, gpw_ptr,
             out_ptr, base + d, d < row_len_r, rlv_const, rlv_inner, rlv_count, w_inner,
-            w_count, pw_inner, pw_count, scale_r, KIND, FULL, ELEMENTWISE_OUT, RLV_MODE,
-            W_MODE, PW_MODE, G_X, G_Y, G_RLV, G_W, G_PW, ACC,
+            w_count, pw_inner, pw_count, y_count, scale_r, KIND, FULL, ELEMENTWISE_OUT,
+            RLV_MODE, W_MODE, PW_MODE, Y_MODE, G_X, G_Y, G_RLV, G_W, G_PW, ACC,
         )
     if not ELEMENTWISE_OUT:
         tl.store(part_r_ptr + row * chunks_r + c, tl.sum(acc, axis=0))
@@ -505,11 +508,11 @@ def fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, *, rows, row_len_r, row_le
             part_r if chunks_r else any_t, part_k if chunks_k else any_t,
             row_len_r, row_len_k, chunks_r, chunks_k, tiles_r, tiles_k,
             inners[0], counts[0], inners[1], counts[1], inners[2], counts[2],
-            inners[3], counts[3], inners[4], counts[4], inners[5], counts[5],
+            inners[3], counts[3], inners[4], counts[4], inners[5], counts[5], counts[6],
             *_hilo(consts[0]), *_hilo(consts[1]), *_hilo(consts[2]), *_hilo(scale_r), *_hilo(scale_k),
             KIND=kind, FULL=bool(full), ELEMENTWISE_OUT=elementwise,
             RLV_MODE=modes[0], W_MODE=modes[1], PW_MODE=modes[2],
-            LV_MODE=modes[3], PMU_MODE=modes[4], PLV_MODE=modes[5],
+            LV_MODE=modes[3], PMU_MODE=modes[4], PLV_MODE=modes[5], Y_MODE=modes[6],
             G_X=grads[0] is not None, G_Y=grads[1] is not None, G_RLV=grads[2] is not None,
             G_W=grads[3] is not None, G_PW=grads[4] is not None, G_MU=grads[5] is not None,
             G_LV=grads[6] is not None, G_PMU=grads[7] is not None, G_PLV=grads[8] is not None,
@@ -558,11 +561,11 @@ def scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, *, beta, red_mode, rows, row_len
 def launch_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t, out_loss, out_nll, out_kl, grads,
                    ints, floats):
     """vae_fast::triton_fwd: `ints` = rows, row lengths (recon, KL), then modes, inners and
-    counts of (rlv, w, pw, lv, pmu, plv), kind, full, reduction mode; `floats` = constants of
-    (rlv, pmu, plv), scales (recon, KL), beta (csrc/run.cpp, run_triton)."""
+    counts of (rlv, w, pw, lv, pmu, plv, y), kind, full, reduction mode; `floats` = constants
+    of (rlv, pmu, plv), scales (recon, KL), beta (csrc/run.cpp, run_triton)."""
     fused_forward(x, y, rlv, w, pw, mu, lv, pmu, plv, rows=ints[0], row_len_r=ints[1],
-                  row_len_k=ints[2], modes=ints[3:9], inners=ints[9:15], counts=ints[15:21],
-                  kind=ints[21], full=bool(ints[22]), red_mode=ints[23], consts=floats[0:3],
+                  row_len_k=ints[2], modes=ints[3:10], inners=ints[10:17], counts=ints[17:24],
+                  kind=ints[24], full=bool(ints[25]), red_mode=ints[26], consts=floats[0:3],
                   scale_r=floats[3], scale_k=floats[4], beta=floats[5], out_loss=out_loss,
                   out_nll=out_nll, out_kl=out_kl, grads=grads, beta_t=beta_t)
 

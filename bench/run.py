@@ -78,9 +78,11 @@ def parse_args(argv=None):
                         "variants (bench/overhead.py); honours --device, --threads, --backend, --out, "
                         "--quick and --reps (rounds of 200 steps, default 30)")
     p.add_argument("--objectives", action="store_true",
-                   help="instead: fwd+bwd of each elbo_loss option (capacity, free_bits, full=False) "
-                        "against the plain fused ELBO at the same size (bench/objectives.py); honours "
-                        "--device, --threads, --quick, --out")
+                   help="instead: fwd+bwd of each elbo_loss option (capacity, free_bits, "
+                        "continuous_bernoulli, full=False, optimal) against the plain fused ELBO at "
+                        "the same size, and the K=5 Monte-Carlo ELBO, IWAE and mixture_prior_kl "
+                        "against their eager formulas (bench/objectives.py); honours --device, "
+                        "--threads, --quick, --out")
     args = p.parse_args(argv)
     if args.quick:  # quick narrows only what was not chosen explicitly
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))

@@ -1,6 +1,6 @@
-"""The ELBO-options benchmark (`python -m bench --objectives`): a run on the smallest case
-writes a row per option, and its check of each option's loss catches an option that is
-ignored. Timings are not asserted."""
+"""The objectives benchmark (`python -m bench --objectives`): a run on the smallest case
+writes a row per option and per K-sample / mixture objective, and its checks of each loss
+catch an option that is ignored or a fused loss that is off. Timings are not asserted."""
 from __future__ import annotations
 
 import sys
@@ -35,3 +35,16 @@ def test_check_catches_an_ignored_option(name, monkeypatch):
         *a, **{n: v for n, v in k.items() if n not in opt}))
     with pytest.raises(AssertionError):
         objectives._check(name, args, kw, opt)
+
+
+def test_versus_rows_and_their_check(monkeypatch):
+    run = dict(sizes=("mnist",), log=lambda *a: None, min_reps=1, max_reps=1, target_s=0.0,
+               compile_mixture=False)
+    rows = objectives.run_versus("cpu", **run)
+    assert [r["objective"] for r in rows] == ["mc_elbo", "iwae", "mixture_prior_kl"]
+    assert all(r["eager_ms"] > 0 and r["vae_fast_ms"] > 0 for r in rows)
+    assert len(objectives.markdown_versus(rows)) == 2 + len(rows)
+    iwae = vae_fast.iwae_loss
+    monkeypatch.setattr(vae_fast, "iwae_loss", lambda *a, **k: iwae(*a, **k) * 1.01)
+    with pytest.raises(AssertionError):
+        objectives.run_versus("cpu", **run)

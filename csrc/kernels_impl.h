@@ -406,13 +406,14 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
     const auto pos = ge(z, zero);
     const auto series = lt(a, V(cb_series_bound<T>()));
     const V omy = one - y;
-    const V direct = select(pos, omy * z, V(T(0)) - y * z) + (ome / a).log();
+    const V r = one / (ome * a);  // one division for both quotients
+    const V direct = select(pos, omy * z, V(T(0)) - y * z) + M::log_pos(ome * ome * r);
     const V poly = z2 * at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
         z2, V(T(1.0 / 479001600.0)), V(T(-1.0 / 9676800.0))), V(T(1.0 / 181440.0))),
         V(T(-1.0 / 2880.0))), V(T(1.0 / 24.0)));
     const V lu = select(series, at::vec::fmadd(z, half - y, poly), direct);
     if (t.gx != nullptr) {
-      const V u = e / ome - one / a;
+      const V u = at::vec::fmsub(e, a, ome) * r;  // e/(1-e) - 1/a = (e a - (1-e)) / ((1-e) a)
       const V g_direct = select(pos, omy + u, V(T(0)) - u - y);
       const V g_series = at::vec::fmadd(z, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
           z2, at::vec::fmadd(z2, V(T(1.0 / 47900160.0)), V(T(-1.0 / 1209600.0))),

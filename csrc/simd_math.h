@@ -229,14 +229,8 @@ struct Log1pPoly {
   static constexpr float c0 = 3.333333135e-01f;
 };
 
-// log1p(e) for e in [0, 1] (e = exp(-|z|) in softplus).  1 + e is split as
-// 2^k (1 + f) with f = e (k = 0) or f = (e - 1)/2 (k = 1), so f is formed from
-// e directly and never loses the low bits of a small e.  Written so that no
-// intermediate is subnormal for e >= 1e-37 (a product f*f would be for
-// e < 1e-19 and would hit the microcode assist on every such lane).
-C10_ALWAYS_INLINE Vf log1p_unit_f32(Vf e) {
-  auto k = ge(e, Vf(0.41421356f));
-  Vf f = select(k, at::vec::fmadd(e, Vf(0.5f), Vf(-0.5f)), e);
+// log1p(f) for f in [sqrt(1/2) - 1, sqrt(2) - 1]: f + f^2 Q(f), one rounding.
+C10_ALWAYS_INLINE Vf log1p_reduced_f32(Vf f) {
   Vf q = at::vec::fmadd(Vf(Log1pPoly::c7), f, Vf(Log1pPoly::c6));
   q = at::vec::fmadd(q, f, Vf(Log1pPoly::c5));
   q = at::vec::fmadd(q, f, Vf(Log1pPoly::c4));
@@ -245,7 +239,18 @@ C10_ALWAYS_INLINE Vf log1p_unit_f32(Vf e) {
   q = at::vec::fmadd(q, f, Vf(Log1pPoly::c1));
   q = at::vec::fmadd(q, f, Vf(Log1pPoly::c0));
   q = at::vec::fmadd(q, f, Vf(-0.5f));
-  Vf res = at::vec::fmadd(f * q, f, f);  // f + f^2 Q(f), one rounding
+  return at::vec::fmadd(f * q, f, f);
+}
+
+// log1p(e) for e in [0, 1] (e = exp(-|z|) in softplus).  1 + e is split as
+// 2^k (1 + f) with f = e (k = 0) or f = (e - 1)/2 (k = 1), so f is formed from
+// e directly and never loses the low bits of a small e.  Written so that no
+// intermediate is subnormal for e >= 1e-37 (a product f*f would be for
+// e < 1e-19 and would hit the microcode assist on every such lane).
+C10_ALWAYS_INLINE Vf log1p_unit_f32(Vf e) {
+  auto k = ge(e, Vf(0.41421356f));
+  Vf f = select(k, at::vec::fmadd(e, Vf(0.5f), Vf(-0.5f)), e);
+  Vf res = log1p_reduced_f32(f);
   return add_where(k, res, Vf(0.693147180559945309f));
 }
 
@@ -258,16 +263,8 @@ C10_ALWAYS_INLINE Vf log_pos_f32(Vf x) {
   const Vi bits = at::vec::cast<int32_t>(x);
   const Vi k = (bits - Vi(0x3f3504f3)) >> Vi(23);  // floor(log2(x / sqrt(1/2)))
   const Vf f = at::vec::cast<float>(bits - (k << Vi(23))) - Vf(1.f);
-  Vf q = at::vec::fmadd(Vf(Log1pPoly::c7), f, Vf(Log1pPoly::c6));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c5));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c4));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c3));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c2));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c1));
-  q = at::vec::fmadd(q, f, Vf(Log1pPoly::c0));
-  q = at::vec::fmadd(q, f, Vf(-0.5f));
   const Vf kf = at::vec::convert_to_fp_of_same_size<float>(k);
-  const Vf lo = at::vec::fmadd(kf, Vf(-2.12194440e-4f), at::vec::fmadd(f * q, f, f));
+  const Vf lo = at::vec::fmadd(kf, Vf(-2.12194440e-4f), log1p_reduced_f32(f));
   return at::vec::fmadd(kf, Vf(0.693359375f), lo);  // k ln2_hi is exact
 }
 

@@ -227,6 +227,14 @@ def check_capacity(capacity):
     return capacity
 
 
+def check_kl_options(capacity, free_bits, reduction):
+    """(capacity, free_bits), checked: at most one of them, as check_capacity and
+    check_free_bits say."""
+    if free_bits is not None:
+        return None, check_free_bits(free_bits, reduction, capacity)
+    return (None if capacity is None else check_capacity(capacity)), None
+
+
 def check_free_bits(free_bits, reduction, capacity):
     """`free_bits` lambda (Kingma et al. 2016): a non-negative number or a 0-d floating tensor,
     with "batchmean" or "sum" and without `capacity`."""
@@ -256,7 +264,9 @@ def kl_objective(terms: ELBOTerms, beta, capacity, free_bits, reduction, batch: 
     mean for "batchmean", the sum for "sum"); the gradient reaches the fused buffers through the
     terms, d/d(kl) = beta * sign(kl - C).
     free bits: nll + beta * floored_kl() (times B with "sum"), floored_kl() being
-    sum_j max(lambda, mean_b KL_bj)."""
+    sum_j max(lambda, mean_b KL_bj). Neither: the terms as they are."""
+    if free_bits is None and capacity is None:
+        return terms
     if free_bits is None:
         return ELBOTerms(terms.nll + beta * (terms.kl - capacity).abs(), terms.nll, terms.kl)
     kl_term = floored_kl()
@@ -330,6 +340,21 @@ def check_samples(recon, target, mu, likelihood, recon_logvar):
         raise ValueError(f"recon_logvar of shape {tuple(rlv.shape)} with a sample or batch "
                          f"dimension must have recon's shape {tuple(recon.shape)}")
     return rlv
+
+
+def parse_sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
+                       prior_logvar, beta, capacity, free_bits, reduction):
+    """The checks of elbo_loss with K samples (both paths); returns (beta, capacity,
+    free_bits, recon_logvar) as checked."""
+    check_reduction(reduction, ELBO_REDUCTIONS)
+    beta = check_beta(beta)
+    capacity, free_bits = check_kl_options(capacity, free_bits, reduction)
+    rlv = check_samples(recon, target, mu, likelihood, recon_logvar)
+    check_full(full, likelihood)
+    parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, "none")
+    check_devices(recon=recon, target=target, recon_logvar=rlv, mu=mu, logvar=logvar,
+                  prior_mu=prior_mu, prior_logvar=prior_logvar)
+    return beta, capacity, free_bits, rlv
 
 
 def sampled_terms(nll_kb: torch.Tensor, kl_b: torch.Tensor, beta, reduction) -> ELBOTerms:

@@ -136,17 +136,9 @@ def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, pri
                   prior_logvar, beta, capacity, free_bits, reduction, return_terms):
     """elbo_loss with K samples: the Monte-Carlo ELBO (checks, then two fused passes: the
     pixels of every sample, the KL of every example)."""
-    C.check_reduction(reduction, C.ELBO_REDUCTIONS)
-    beta = C.check_beta(beta)
-    if free_bits is not None:
-        free_bits = C.check_free_bits(free_bits, reduction, capacity)
-    elif capacity is not None:
-        capacity = C.check_capacity(capacity)
-    rlv = C.check_samples(recon, target, mu, likelihood, recon_logvar)
-    C.check_full(full, likelihood)
-    C.parse_gaussian_kl(mu, logvar, prior_mu, prior_logvar, "none")
-    C.check_devices(recon=recon, target=target, recon_logvar=rlv, mu=mu, logvar=logvar,
-                    prior_mu=prior_mu, prior_logvar=prior_logvar)
+    beta, capacity, free_bits, rlv = C.parse_sampled_elbo(
+        recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu, prior_logvar, beta,
+        capacity, free_bits, reduction)
     backend = _backend.code(recon)
     if backend is None:
         return reference.elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
@@ -156,9 +148,8 @@ def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, pri
     nll_kb = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend)
     kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
     out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
-    if free_bits is not None or capacity is not None:
-        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
-                             lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                         lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
     return out if return_terms else out.loss
 
 
@@ -210,23 +201,16 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     if C.is_optimal(recon_logvar, likelihood):  # the per-example terms, then sigma*
         C.check_full(full, likelihood)
         C.check_reduction(reduction, C.ELBO_REDUCTIONS)
-        if free_bits is not None:
-            free_bits = C.check_free_bits(free_bits, reduction, capacity)
-        elif capacity is not None:
-            capacity = C.check_capacity(capacity)
+        capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
         per = elbo_loss(recon, target, mu, logvar, likelihood="gaussian", full=False,
                         prior_mu=prior_mu, prior_logvar=prior_logvar, beta=beta, reduction="none",
                         return_terms=True)
         out = C.optimal_gaussian_terms(per, recon[0].numel(), full, beta, reduction)
-        if free_bits is not None or capacity is not None:
-            out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
-                                 lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
         return out if return_terms else out.loss
     if free_bits is not None or capacity is not None:  # the plain terms, then the KL objective
-        if free_bits is not None:
-            free_bits = C.check_free_bits(free_bits, reduction, capacity)
-        else:
-            capacity = C.check_capacity(capacity)
+        capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
         terms = elbo_loss(recon, target, mu, logvar, likelihood=likelihood,
                           recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta, reduction=reduction,

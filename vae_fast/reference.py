@@ -157,22 +157,14 @@ def _sampled_nll(recon, target, rlv, likelihood, full):
 
 def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
                   prior_logvar, beta, capacity, free_bits, reduction, return_terms):
-    C.check_reduction(reduction, C.ELBO_REDUCTIONS)
-    beta = C.check_beta(beta)
-    if free_bits is not None:
-        free_bits = C.check_free_bits(free_bits, reduction, capacity)
-    elif capacity is not None:
-        capacity = C.check_capacity(capacity)
-    rlv = C.check_samples(recon, target, mu, likelihood, recon_logvar)
-    C.check_full(full, likelihood)
+    beta, capacity, free_bits, rlv = C.parse_sampled_elbo(
+        recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu, prior_logvar, beta,
+        capacity, free_bits, reduction)
     kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
-    C.check_devices(recon=recon, target=target, recon_logvar=rlv, mu=mu, logvar=logvar,
-                    prior_mu=prior_mu, prior_logvar=prior_logvar)
     nll_kb = _sampled_nll(recon, target, rlv, likelihood, full)
     out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
-    if free_bits is not None or capacity is not None:
-        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
-                             lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                         lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
     return out if return_terms else out.loss
 
 
@@ -197,22 +189,15 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     if C.is_optimal(recon_logvar, likelihood):
         C.check_full(full, likelihood)
         C.check_reduction(reduction, C.ELBO_REDUCTIONS)
-        if free_bits is not None:
-            free_bits = C.check_free_bits(free_bits, reduction, capacity)
-        elif capacity is not None:
-            capacity = C.check_capacity(capacity)
+        capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
         per = compute(C.parse_elbo(recon, target, mu, logvar, "gaussian", 0.0, prior_mu,
                                    prior_logvar, beta, "none", True, False))
         out = C.optimal_gaussian_terms(per, recon[0].numel(), full, beta, reduction)
-        if free_bits is not None or capacity is not None:
-            out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
-                                 lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+        out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                             lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
         return out if return_terms else out.loss
     if free_bits is not None or capacity is not None:
-        if free_bits is not None:
-            free_bits = C.check_free_bits(free_bits, reduction, capacity)
-        else:
-            capacity = C.check_capacity(capacity)
+        capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
         terms = compute(C.parse_elbo(recon, target, mu, logvar, likelihood, recon_logvar, prior_mu,
                                      prior_logvar, beta, reduction, True, full))
         out = C.kl_objective(terms, beta, capacity, free_bits, reduction, mu.shape[0],

@@ -67,6 +67,19 @@ void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mod
   }
 }
 
+void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<double>& sums) {
+  switch (isa()) {
+#if defined(VAE_FAST_X86_BUILDS)
+    case Isa::kAvx512:
+      return vae_fast_avx512::dmol_forward_kernel(ds, acc_double, sums);
+    case Isa::kAvx2:
+      return vae_fast_avx2::dmol_forward_kernel(ds, acc_double, sums);
+#endif
+    default:
+      return vae_fast_default::dmol_forward_kernel(ds, acc_double, sums);
+  }
+}
+
 void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec) {
   switch (isa()) {
 #if defined(VAE_FAST_X86_BUILDS)

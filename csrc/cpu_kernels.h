@@ -56,6 +56,34 @@ struct KLStream {
   double scale = 1.0;
 };
 
+// The discretized logistic mixture (kDmol; PixelCNN++'s discretized_mix_logistic_loss with
+// num_bins bins): one term per pixel (b, s), over all channels of that pixel. Element strides
+// (in elements, not bytes) address the tensors: param channel p of pixel s of example b is
+// x[b * x_sb + p * x_sp + s * x_ss] (NCHW contiguous: x_sb = P * S, x_sp = S, x_ss = 1;
+// channels_last: x_sb = S * P, x_sp = 1, x_ss = P), and the same for y with channel c; gx has
+// x's strides. P = 10 * mix for channels == 3, 3 * mix for channels == 1, in PixelCNN++'s
+// channel order (mix logits, then per colour channel mix means, mix log-scales, mix coefficients;
+// for one channel: logits, means, log-scales).
+struct DmolStream {
+  int64_t batch = 0;   // B
+  int64_t pixels = 0;  // S, the product of the spatial sizes
+  int64_t mix = 0;     // M
+  int channels = 3;    // C: 1 or 3
+  double num_bins = 256.0;
+  const void* x = nullptr;
+  DType x_dtype = DType::Float;
+  int64_t x_sb = 0, x_sp = 0, x_ss = 0;
+  const void* y = nullptr;
+  DType y_dtype = DType::Float;
+  int64_t y_sb = 0, y_sc = 0, y_ss = 0;
+  Output gx;  // d(-log p)/d(x) * scale, written for every element of x (nullptr: not wanted)
+  double scale = 1.0;
+};
+
+// Fills sums[b] (sums is resized to batch) with the unscaled sum over the pixels of example b
+// of -log p(y | x), in a fixed order whatever the thread count. acc_double: float64 math.
+void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<double>& sums);
+
 // Runs both streams in one parallel pass (the instruction set picked by cpu_dispatch.cpp).  Returns the unscaled sums per
 // segment (one segment for TOTAL/ELEMENTWISE, `rows` for ROWS) in sums_r /
 // sums_k, each sized to the number of segments (zeros for an absent stream).
@@ -94,6 +122,7 @@ const std::string& cpu_capability();
                             int64_t rows, bool acc_double, std::vector<double>& sums_r,      \
                             std::vector<double>& sums_k);                                    \
   void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec);               \
+  void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<double>& sums);  \
   }
 VAE_FAST_DECLARE_KERNELS(vae_fast_default)
 VAE_FAST_DECLARE_KERNELS(vae_fast_avx2)

@@ -16,7 +16,10 @@ enum Likelihood : int64_t {
   kBernoulliProbs = 2,  // recon are probabilities (F.binary_cross_entropy semantics)
   kGaussian = 3,        // recon are means, rlv the log-variance
   kContinuousBernoulli = 4,  // recon are logits of a continuous Bernoulli on [0, 1]
-  kNumLikelihoods = 5,
+  kDmol = 5,  // x: (B, P, *spatial) parameters of a discretized logistic mixture per pixel,
+              // y: (B, C, *spatial) 8-bit-style data in [-1, 1]; not elementwise (its own
+              // kernels, csrc/dmol_impl.h); num_bins travels in consts[kRlv]
+  kNumLikelihoods = 6,
 };
 
 // How the per-element terms are reduced (the op's `reduction`).
@@ -67,7 +70,8 @@ enum Api : int64_t {
   kBce = 6,
   kSampledNll = 7,  // the NLL of K samples of recon, rows k*B + b, against one (B, ...) target
                     // (elbo_loss with a sample dimension, iwae_loss): y is read periodically
-  kNumApis = 8,
+  kDmolNll = 8,  // discretized_logistic_mixture_nll: x = params, y = target
+  kNumApis = 9,
 };
 
 // The op's nine tensor slots: a reconstruction stream (x, y and its parameters) and a KL

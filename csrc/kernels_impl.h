@@ -819,6 +819,9 @@ void mul_elementwise(void* buf, DType dt, int64_t off, int64_t n, const C* a, co
   }
 }
 
+// The discretized logistic mixture (kDmol).
+#include "dmol_impl.h"
+
 }  // namespace
 
 void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mode, int64_t rows,
@@ -828,6 +831,14 @@ void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mod
     run_forward<double>(rs, ks, red_mode, rows, sums_r, sums_k);
   } else {
     run_forward<float>(rs, ks, red_mode, rows, sums_r, sums_k);
+  }
+}
+
+void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<double>& sums) {
+  if (acc_double) {
+    run_dmol_forward<double>(ds, sums);
+  } else {
+    run_dmol_forward<float>(ds, sums);
   }
 }
 

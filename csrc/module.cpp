@@ -25,7 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("NONE") = int64_t(kNone), py::arg("BERNOULLI") = int64_t(kBernoulli),
         py::arg("BERNOULLI_PROBS") = int64_t(kBernoulliProbs),
         py::arg("GAUSSIAN") = int64_t(kGaussian),
-        py::arg("CONTINUOUS_BERNOULLI") = int64_t(kContinuousBernoulli));
+        py::arg("CONTINUOUS_BERNOULLI") = int64_t(kContinuousBernoulli),
+        py::arg("DMOL") = int64_t(kDmol));
     d["Reduction"] = py::dict(
         py::arg("SUM") = int64_t(kSum), py::arg("BATCHMEAN") = int64_t(kBatchmean),
         py::arg("MEAN") = int64_t(kMean), py::arg("PER_SAMPLE") = int64_t(kPerSample),
@@ -44,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("GAUSSIAN_NLL") = int64_t(kGaussianNll),
         py::arg("GAUSSIAN_KL") = int64_t(kGaussianKl),
         py::arg("SAMPLED_NLL") = int64_t(kSampledNll),
+        py::arg("DMOL_NLL") = int64_t(kDmolNll),
         py::arg("BCE_WITH_LOGITS") = int64_t(kBceWithLogits),
         py::arg("BCE") = int64_t(kBce));
     return d;

@@ -9,7 +9,8 @@
 //                          Triton interpreter): the Triton kernels; Meta: the plan's shapes,
 //                          which is what torch.compile, torch.export and opcheck trace with.
 //   vae_fast::triton_fwd,  launch-only ops whose kernels vae_fast/triton_kernels.py registers
-//   vae_fast::triton_scale from Python (CUDA, and CPU when TRITON_INTERPRET=1).
+//   vae_fast::triton_scale from Python (CUDA, and CPU when TRITON_INTERPRET=1); triton_dmol
+//   vae_fast::triton_dmol  launches the discretized logistic mixture's pixels (run.cpp).
 //
 // An eager call goes Python -> dispatcher -> C++ (checks, plan, allocation, kernel, autograd
 // node) with no Python autograd.Function on the way; docs/design.md explains the layout.
@@ -360,6 +361,9 @@ TORCH_LIBRARY(vae_fast, m) {
       "Tensor? lv, Tensor? pmu, Tensor? plv, Tensor? beta_t, Tensor(a!) out_loss, "
       "Tensor(b!) out_nll, Tensor(c!) out_kl, Tensor(d!)?[] grads, int[] ints, float[] floats) "
       "-> ()");
+  m.def(
+      "triton_dmol(Tensor x, Tensor y, Tensor(a!) sums, Tensor(b!)? gx, int[] ints, "
+      "float[] floats) -> ()");
   m.def(
       "triton_scale(Tensor(a!)[] bufs_r, Tensor(b!)[] bufs_k, Tensor? g_loss, Tensor? g_nll, "
       "Tensor? g_kl, Tensor? beta_t, int[] ints, float beta) -> ()");

@@ -25,6 +25,7 @@ constexpr const char* kNames[kNumApis][kNumSlots] = {
     {"input", "target", "rlv", "weight", "pos_weight", "mu", "lv", "pmu", "plv"},
     {"input", "target", "rlv", "weight", "pw", "mu", "lv", "pmu", "plv"},
     {"recon", "target", "recon_logvar", "w", "pw", "mu", "lv", "pmu", "plv"},
+    {"params", "target", "rlv", "w", "pw", "mu", "lv", "pmu", "plv"},
 };
 
 // Checked in this order, as vae_fast/_common.py's parse functions do.
@@ -81,6 +82,34 @@ class Checker {
     TORCH_CHECK_NOT_IMPLEMENTED(!c_.need(s), name(s), " shared by several samples of ",
                                 name(partner), " takes no gradient in the fused kernels; "
                                 "detach it or use vae_fast.use_backend('reference')");
+  }
+
+  // The discretized logistic mixture (kDmol): s = the target (B, C, *spatial) against
+  // partner = the params (B, P, *spatial), C = 3 with P = 10 M or C = 1 with P = 3 M; as
+  // vae_fast/_common.py's dmol_mixtures words it. The target takes no gradient.
+  void dmol(int s, int partner) const {
+    main(partner, /*allow_bool=*/false, /*allow_scalar=*/false);
+    main(s, /*allow_bool=*/false, /*allow_scalar=*/false);
+    const Tensor &t = c_[s], &p = c_[partner];
+    TORCH_CHECK_VALUE(p.dim() >= 2, name(partner), " must have shape (B, P, *spatial), got ",
+                      py_shape(p.sym_sizes()));
+    const SymIntArrayRef ts = t.sym_sizes(), ps = p.sym_sizes();
+    bool ok = ts.size() == ps.size() && ts[0] == ps[0];
+    for (size_t i = 2; ok && i < ts.size(); ++i) ok = ts[i] == ps[i];
+    TORCH_CHECK_VALUE(ok, name(s), " must have the shape of ", name(partner),
+                      " but for the channel dimension (dim 1): got ", name(s), " ",
+                      py_shape(ts), " and ", name(partner), " ", py_shape(ps));
+    const SymInt& ch = ts[1];
+    TORCH_CHECK_VALUE(ch == 1 || ch == 3, name(s), " must have 1 or 3 channels (dim 1), got ", ch);
+    const int64_t per = ch == 3 ? 10 : 3;
+    TORCH_CHECK_VALUE(ps[1] != 0 && ps[1] % per == 0, name(partner), " must have ", per,
+                      " * M channels (dim 1) for a ", ch, "-channel ", name(s), " (",
+                      per == 10 ? "M logits, then per colour channel M means, M log-scales, M "
+                                  "coefficients"
+                                : "M logits, M means, M log-scales",
+                      "), got ", ps[1]);
+    TORCH_CHECK_VALUE(!c_.need(s), name(s), " takes no gradient in the discretized logistic "
+                      "mixture (the data are discrete): detach it");
   }
 
   // A parameter tensor: floating, and broadcastable to its partner without enlarging it.
@@ -176,6 +205,18 @@ void check_structure(const Call& c) {
                     "vae_fast: the elementwise reduction has a reconstruction term and no KL");
   TORCH_CHECK_VALUE(c.api != kSampledNll || (recon && !c.has(kMu)),
                     "vae_fast: api 7 (sampled NLL) has a reconstruction term and no KL");
+  TORCH_CHECK_VALUE((c.api == kDmolNll) <= (c.kind == kDmol && !c.has(kMu)),
+                    "vae_fast: api 8 (discretized_logistic_mixture_nll) is kind 5 and no KL");
+  if (c.kind == kDmol) {
+    TORCH_CHECK_VALUE(c.api == kRawApi || c.api == kElboLoss || c.api == kDmolNll,
+                      "vae_fast: kind 5 (the discretized logistic mixture) is called by "
+                      "elbo_loss or discretized_logistic_mixture_nll (api 0, 1 or 8)");
+    TORCH_CHECK_VALUE(c.reduction != kElementwise,
+                      "vae_fast: the discretized logistic mixture has no elementwise reduction");
+    const double bins = c.consts[kRlv];
+    TORCH_CHECK_VALUE(bins >= 2 && bins <= 1e15 && bins == static_cast<double>(static_cast<int64_t>(bins)),
+                      "num_bins must be an integer of at least 2, got ", bins);
+  }
   for (int s = 0; s < kNumSlots; ++s) {
     TORCH_CHECK_VALUE(!c.need(s) || c.has(s), "vae_fast: a gradient of ", kNames[0][s],
                       " is asked for, but ", kNames[0][s], " is not a tensor");
@@ -257,6 +298,23 @@ bool memory_order(const Call& c, const Plan& p, int main, std::initializer_list<
   return true;
 }
 
+}  // namespace
+
+// The layout of a channels_last tensor, for any rank >= 2: dim 1 innermost, then the others
+// in order (the discretized logistic mixture's params and target are read so, or contiguous).
+bool channels_last_dense(const Tensor& t) {
+  if (t.dim() < 2) return false;
+  SymInt expect = t.sym_size(1);
+  if (t.sym_size(1) != 1 && t.sym_stride(1) != 1) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.sym_size(d) != 1 && t.sym_stride(d) != expect) return false;
+    expect = expect * t.sym_size(d);
+  }
+  return t.sym_size(0) == 1 || t.sym_stride(0) == expect;
+}
+
+namespace {
+
 // float16 gradients stay float32 until grad_output is applied: GradScaler's 2^16 would
 // otherwise multiply values that already underflowed (or overflow them)
 at::ScalarType buffer_dtype(at::ScalarType s) {
@@ -309,7 +367,9 @@ Plan make_plan(const Call& c) {
   p.recon = c.kind != kNone;
   p.kl = c.has(kMu);
   const bool bce = c.api == kBceWithLogits || c.api == kBce;
-  if (p.recon) {
+  if (c.kind == kDmol) {
+    ck.dmol(kY, kX);
+  } else if (p.recon) {
     ck.main(kX, /*allow_bool=*/false, /*allow_scalar=*/bce);
     if (c.api == kSampledNll) {
       ck.tiled(kY, kX, /*allow_bool=*/c.kind != kGaussian);
@@ -336,11 +396,13 @@ Plan make_plan(const Call& c) {
       p.read[s].mode = kFull;
     }
   }
-  if (p.recon && c[kY].sym_sizes() != c[kX].sym_sizes()) {  // a tiled target: y[off % numel]
+  if (p.recon && c.kind != kDmol && c[kY].sym_sizes() != c[kX].sym_sizes()) {
+    // a tiled target: y[off % numel]
     p.read[kY].mode = kPeriodic;
     p.read[kY].count = c[kY].sym_numel();
   }
-  p.memory_order[0] = p.recon && memory_order(c, p, kX, {kY, kRlv, kW, kPw});
+  p.memory_order[0] = c.kind == kDmol ? !c[kX].is_contiguous() && channels_last_dense(c[kX])
+                                      : p.recon && memory_order(c, p, kX, {kY, kRlv, kW, kPw});
   p.memory_order[1] = p.kl && memory_order(c, p, kMu, {kLv, kPmu, kPlv});
 
   for (int s = 0; s < kNumSlots; ++s) {
@@ -418,7 +480,8 @@ Geometry geometry(const Plan& p, const Call& c) {
   if (c.reduction == kBatchmean) {
     g.scale_r = g.scale_k = inv(batch);
   } else if (c.reduction == kMean) {
-    g.scale_r = inv(n);
+    // the discretized logistic mixture's mean is per dimension of the data (the target)
+    g.scale_r = inv(c.kind == kDmol ? c[kY].numel() : n);
     g.scale_k = inv(m);
   }
   // an absent term sums to 0 and must stay 0 (not 0 * inf) in loss = nll + beta * kl

@@ -91,6 +91,9 @@ struct Geometry {
 };
 Geometry geometry(const Plan& p, const Call& c);
 
+// channels_last layout of any rank >= 2 (dim 1 innermost): kDmol reads such tensors in place.
+bool channels_last_dense(const Tensor& t);
+
 // torch's name of a dtype ("torch.float32") and Python's form of a shape ("(4, 5)").
 std::string py_dtype(at::ScalarType t);
 std::string py_shape(c10::SymIntArrayRef shape);

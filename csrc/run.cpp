@@ -18,6 +18,7 @@
 #include <atomic>
 
 namespace vae_fast {
+
 namespace {
 
 std::atomic<int64_t> g_kernel_calls{0};
@@ -311,6 +312,109 @@ void run_triton(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   sum_temporaries(L, out);
 }
 
+// ---- the discretized logistic mixture (kDmol) ---------------------------------------------------
+
+// A DMOL tensor as its kernels read it: itself when contiguous or channels_last (dim 1
+// innermost), else a contiguous copy; with its element strides (batch, channel, pixel).
+struct DmolView {
+  Tensor t;
+  int64_t sb = 0, sc = 0, ss = 0;
+};
+
+DmolView dmol_view(const Tensor& t) {
+  DmolView v;
+  const int64_t ch = t.size(1), pixels = t.numel() / std::max<int64_t>(t.size(0) * ch, 1);
+  const bool last = !t.is_contiguous() && channels_last_dense(t);
+  v.t = last || t.is_contiguous() ? t : t.contiguous();
+  v.sb = ch * pixels;
+  v.sc = last ? 1 : pixels;
+  v.ss = last ? ch : 1;
+  return v;
+}
+
+using TritonDmol = void(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                        c10::IntArrayRef, c10::ArrayRef<double>);
+
+// The pixels' term in one pass (its gradient written with x's strides, which the plan gave
+// the buffer), after the KL stream's, run as a call without a reconstruction term; then
+// nll = scale * sums and loss = nll + beta * kl.
+void run_dmol(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  const bool triton = c.backend == kTritonBackend;
+  const Tensor& main = c[kX];
+  TORCH_CHECK_NOT_IMPLEMENTED(triton || main.is_cpu(), "vae_fast: the cpu backend cannot run on ",
+                              main.device());
+  if (p.kl) {
+    Call ck = c;
+    ck.kind = kNone;
+    ck.api = kRawApi;
+    ck.t[kX] = ck.t[kY] = Tensor();
+    ck.needs &= ~((int64_t{1} << kX) | (int64_t{1} << kY));
+    Plan pk = p;
+    pk.recon = false;
+    if (triton) {
+      run_triton(pk, ck, out);
+    } else {
+      run_cpu(pk, ck, out);
+    }
+  }
+  const Geometry g = geometry(p, c);
+  const DmolView x = dmol_view(main), y = dmol_view(c[kY]);
+  const int64_t batch = main.size(0), ch = c[kY].size(1);
+  const int64_t pixels = batch ? x.sb / main.size(1) : 0;
+  const int64_t mix = main.size(1) / (ch == 3 ? 10 : 3);
+  const Tensor& gx = c.need(kX) ? out[3 + kX] : Tensor();
+  if (triton) {
+    static const c10::OperatorHandle handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("vae_fast::triton_dmol", "");
+    check_triton(handle, main);
+    c10::OptionalDeviceGuard guard(main.device());
+    Tensor sums = at::empty({batch}, main.options().dtype(p.acc));
+    const std::vector<int64_t> ints = {batch, pixels, mix, ch, x.sb, x.sc, x.ss, y.sb, y.sc, y.ss};
+    const std::vector<double> floats = {c.consts[kRlv], g.scale_r};
+    handle.typed<TritonDmol>().call(x.t, y.t, sums, opt(gx), ints, floats);
+    Tensor nll = (p.red_mode == kRows ? sums : sums.sum()).mul(g.scale_r);
+    out[1].copy_(nll);
+    if (p.kl) {
+      out[0].add_(out[1]);
+    } else {
+      out[0].copy_(out[1]);
+      out[2].zero_();
+    }
+    return;
+  }
+  DmolStream ds;
+  ds.batch = batch;
+  ds.pixels = pixels;
+  ds.mix = mix;
+  ds.channels = static_cast<int>(ch);
+  ds.num_bins = c.consts[kRlv];
+  ds.x = x.t.const_data_ptr();
+  ds.x_dtype = to_dtype(x.t.scalar_type());
+  ds.x_sb = x.sb, ds.x_sp = x.sc, ds.x_ss = x.ss;
+  ds.y = y.t.const_data_ptr();
+  ds.y_dtype = to_dtype(y.t.scalar_type());
+  ds.y_sb = y.sb, ds.y_sc = y.sc, ds.y_ss = y.ss;
+  ds.gx = output(gx);
+  ds.scale = g.scale_r;
+  std::vector<double> sums;
+  dmol_forward_kernel(ds, p.acc == at::kDouble, sums);
+  auto read = [&](const Tensor& t, int64_t i) {
+    return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[i]
+                                          : static_cast<double>(t.const_data_ptr<float>()[i]);
+  };
+  const int64_t n_out = p.red_mode == kRows ? batch : 1;
+  double total = 0.0;
+  for (double v : sums) total += v;  // in order: the same whatever the thread count
+  for (int64_t i = 0; i < n_out; ++i) {
+    const double nll = g.scale_r * (p.red_mode == kRows ? sums[i] : total);
+    const double kl = p.kl ? read(out[2], i) : 0.0;
+    const double weighted = p.kl ? read(out[0], i) - read(out[1], i) : 0.0;  // beta * kl
+    write_value(out[1], i, nll);
+    write_value(out[2], i, kl);
+    write_value(out[0], i, nll + weighted);
+  }
+}
+
 // ---- backward: in-place scaling --------------------------------------------------------------
 
 // grad_output value r (0 when undefined): a 0-d tensor, or a (rows,) one of any stride
@@ -415,6 +519,7 @@ int64_t kernel_calls() {
 
 void run_forward(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  if (c.kind == kDmol) return run_dmol(p, c, out);
   const Tensor& main = p.recon ? c[kX] : c[kMu];
   if (c.backend == kTritonBackend) return run_triton(p, c, out);
   TORCH_CHECK_NOT_IMPLEMENTED(main.is_cpu(), "vae_fast: the cpu backend cannot run on ",

@@ -14,7 +14,9 @@ import torch
 VAE_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 ELBO_REDUCTIONS = ("batchmean", "sum", "none")
 TORCH_REDUCTIONS = ("mean", "sum", "none")
-LIKELIHOODS = ("bernoulli", "bernoulli_probs", "gaussian", "continuous_bernoulli")
+LIKELIHOODS = ("bernoulli", "bernoulli_probs", "gaussian", "continuous_bernoulli",
+               "discretized_logistic_mixture")
+DMOL = "discretized_logistic_mixture"
 
 ParamLike = Union[None, float, torch.Tensor]
 
@@ -318,6 +320,9 @@ def check_samples(recon, target, mu, likelihood, recon_logvar):
     recon_logvar None, a number, or a tensor of recon's shape or one that broadcasts to a
     single sample's. Returns recon_logvar as the kernels take it (None = unit variance)."""
     likelihood = check_likelihood(likelihood)
+    if likelihood == DMOL:
+        raise ValueError(f"likelihood={DMOL!r} takes no sample dimension (recon (K, B, ...)): "
+                         f"call it once per sample")
     check_main("recon", recon)
     check_main("target", target, allow_bool=likelihood != "gaussian")
     if recon.shape[1:] != target.shape:
@@ -479,3 +484,87 @@ def parse_mixture_prior_kl(z, mu, logvar, prior_mu, prior_logvar, prior_logits, 
     check_devices(z=z, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
                   prior_logits=prior_logits)
     return logvar, prior_logvar, reduction
+
+
+def check_num_bins(num_bins, likelihood=DMOL) -> int:
+    """The number of bins K of the discretized logistic mixture: an int >= 2 (256 for 8-bit
+    data); any other value with another likelihood is an error, not ignored."""
+    if likelihood != DMOL:
+        if num_bins == 256 and type(num_bins) is int:
+            return num_bins
+        raise ValueError(f"num_bins is only used with likelihood={DMOL!r}, got likelihood={likelihood!r}")
+    if type(num_bins) is not int:
+        raise TypeError(f"num_bins must be an int, got {type(num_bins).__name__}")
+    if num_bins < 2:
+        raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+    return num_bins
+
+
+def dmol_mixtures(params_name: str, params: torch.Tensor, target: torch.Tensor) -> int:
+    """Checks (params, target) of the discretized logistic mixture, PyTorch layout (channel
+    dim 1): params (B, P, *spatial), target (B, C, *spatial) with C = 3 and P = 10 M, or C = 1
+    and P = 3 M; returns M. The target takes no gradient (the data are discrete)."""
+    check_main(params_name, params)
+    check_main("target", target)
+    if params.dim() < 2:
+        raise ValueError(f"{params_name} must have shape (B, P, *spatial), got {tuple(params.shape)}")
+    if (target.dim() != params.dim() or target.shape[0] != params.shape[0]
+            or target.shape[2:] != params.shape[2:]):
+        raise ValueError(f"target must have the shape of {params_name} but for the channel "
+                         f"dimension (dim 1): got target {tuple(target.shape)} and "
+                         f"{params_name} {tuple(params.shape)}")
+    c, p = target.shape[1], params.shape[1]
+    if c not in (1, 3):
+        raise ValueError(f"target must have 1 or 3 channels (dim 1), got {c}")
+    per = 10 if c == 3 else 3
+    if p == 0 or p % per:
+        what = ("M logits, then per colour channel M means, M log-scales, M coefficients"
+                if c == 3 else "M logits, M means, M log-scales")
+        raise ValueError(f"{params_name} must have {per} * M channels (dim 1) for a {c}-channel "
+                         f"target ({what}), got {p}")
+    if target.requires_grad:
+        raise ValueError("target takes no gradient in the discretized logistic mixture (the "
+                         "data are discrete): detach it")
+    return p // per
+
+
+def parse_dmol(params, target, num_bins, reduction) -> int:
+    """The checks of discretized_logistic_mixture_nll (both paths); returns M."""
+    reduction = check_reduction(reduction)
+    num_bins = check_num_bins(num_bins)
+    m = dmol_mixtures("params", params, target)
+    check_devices(params=params, target=target)
+    return m
+
+
+def parse_dmol_elbo(recon, target, mu, logvar, prior_mu, prior_logvar, beta, reduction, num_bins,
+                    recon_logvar, full):
+    """The checks of elbo_loss with likelihood='discretized_logistic_mixture'."""
+    reduction = check_reduction(reduction, ELBO_REDUCTIONS)
+    beta = check_beta(beta)
+    check_num_bins(num_bins)
+    if recon_logvar is not None:
+        raise ValueError(f"recon_logvar is only used with likelihood='gaussian', got likelihood={DMOL!r}")
+    check_full(full, DMOL)
+    dmol_mixtures("recon", recon, target)
+    check_main("mu", mu)
+    check_batch("recon", recon, "mu", mu)
+    logvar = check_param("logvar", logvar, "mu", mu, allow_none=False)
+    prior_mu = check_param("prior_mu", prior_mu, "mu", mu)
+    prior_logvar = check_param("prior_logvar", prior_logvar, "mu", mu)
+    check_devices(recon=recon, target=target, mu=mu, logvar=logvar, prior_mu=prior_mu,
+                  prior_logvar=prior_logvar, beta=beta)
+    return beta, logvar, prior_mu, prior_logvar, reduction
+
+
+def dmol_reduce(per_example: torch.Tensor, reduction: str, dims: int) -> torch.Tensor:
+    """(B,) sums of -log p per example, reduced: "mean" divides by the target's element
+    count `dims` (nats per dimension; / log 2 for bits per dimension)."""
+    if reduction == "none":
+        return per_example
+    total = per_example.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / per_example.shape[0]
+    return total / dims

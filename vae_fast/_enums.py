@@ -13,6 +13,7 @@ class Likelihood(enum.IntEnum):
     BERNOULLI_PROBS = 2  # recon are probabilities (F.binary_cross_entropy semantics)
     GAUSSIAN = 3  # recon are means
     CONTINUOUS_BERNOULLI = 4  # recon are logits of a continuous Bernoulli on [0, 1]
+    DMOL = 5  # recon are the parameters of a discretized logistic mixture per pixel
 
 
 class Reduction(enum.IntEnum):
@@ -61,6 +62,7 @@ class Api(enum.IntEnum):
     BCE_WITH_LOGITS = 5
     BCE = 6
     SAMPLED_NLL = 7  # K samples of recon (rows k*B + b) against one (B, ...) target
+    DMOL_NLL = 8  # discretized_logistic_mixture_nll (x: params, y: target)
 
 
 ENUMS = (Likelihood, Reduction, RedMode, ParamMode, Backend, Api)

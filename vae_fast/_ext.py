@@ -54,6 +54,12 @@ def _triton_scale(*args):
     triton_kernels.launch_scale(*args)
 
 
+def _triton_dmol(*args):
+    from . import triton_kernels
+
+    triton_kernels.launch_dmol(*args)
+
+
 def register_triton(device_type: str) -> None:
     """Let the Triton kernels take tensors of `device_type` ("cuda"; "cpu" runs them in
     Triton's interpreter, or, for vae_fast.aot, records their launches)."""
@@ -65,6 +71,7 @@ def register_triton(device_type: str) -> None:
     key = {"cuda": "CUDA", "cpu": "CPU"}[device_type]
     _lib.impl("triton_fwd", _triton_fwd, key)
     _lib.impl("triton_scale", _triton_scale, key)
+    _lib.impl("triton_dmol", _triton_dmol, key)
     triton_devices = triton_devices + (device_type,)
 
 

@@ -19,7 +19,8 @@ _op = torch.ops.vae_fast.fused_loss.default if _ext.module is not None else None
 
 _KINDS = {"bernoulli": int(Likelihood.BERNOULLI), "bernoulli_probs": int(Likelihood.BERNOULLI_PROBS),
           "gaussian": int(Likelihood.GAUSSIAN),
-          "continuous_bernoulli": int(Likelihood.CONTINUOUS_BERNOULLI)}
+          "continuous_bernoulli": int(Likelihood.CONTINUOUS_BERNOULLI),
+          "discretized_logistic_mixture": int(Likelihood.DMOL)}
 _VAE_REDUCTIONS = {"batchmean": int(Reduction.BATCHMEAN), "sum": int(Reduction.SUM),
                    "mean": int(Reduction.MEAN), "none": int(Reduction.PER_SAMPLE)}
 _ELBO_REDUCTIONS = {k: v for k, v in _VAE_REDUCTIONS.items() if k != "mean"}
@@ -30,6 +31,7 @@ _BERNOULLI, _PROBS = int(Likelihood.BERNOULLI), int(Likelihood.BERNOULLI_PROBS)
 _ELBO, _BNLL, _GNLL, _GKL = int(Api.ELBO_LOSS), int(Api.BERNOULLI_NLL), int(Api.GAUSSIAN_NLL), int(Api.GAUSSIAN_KL)
 _BCE_LOGITS, _BCE, _SAMPLED = int(Api.BCE_WITH_LOGITS), int(Api.BCE), int(Api.SAMPLED_NLL)
 _PER_SAMPLE = int(Reduction.PER_SAMPLE)
+_DMOL, _DMOL_NLL = int(Likelihood.DMOL), int(Api.DMOL_NLL)
 
 
 def _reduction(reduction, table: dict, allowed: tuple) -> int:
@@ -172,9 +174,57 @@ def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_log
     return C.iwae_terms(nll_kb, z, mu, logvar, reduction)
 
 
+def discretized_logistic_mixture_nll(params, target, *, num_bins=256, reduction="batchmean"):
+    """`-log p(target | params)` of the discretized mixture of logistics (PixelCNN++, Salimans
+    et al. 2017; VDVAE, NVAE), summed over pixels, in one fused pass that reads each pixel's
+    parameters once and writes their gradient.
+
+    target: (B, C, *spatial), C = 3 or 1, values in [-1, 1] on the centres of `num_bins` bins
+    (8-bit data: x / 127.5 - 1); params: (B, P, *spatial) with P = 10 M for C = 3 (M mixture
+    logits, then per colour channel M means, M log-scales, M coefficients: PixelCNN++'s order,
+    channel dim 1) or P = 3 M for C = 1 (logits, means, log-scales). Log-scales are floored at
+    -7, coefficients go through tanh, green's mean is coupled to red and blue's to red and green,
+    edge bins are open-ended, and a bin probability under 1e-5 falls back to the density at the
+    bin centre times the bin width (vae_fast.reference.dmol_log_prob is the formula).
+    reduction: "batchmean" (sum / B), "sum", "mean" (per dimension of target: nats per dim;
+    divide by log(2) for bits per dim), "none" (B,). The target takes no gradient."""
+    C.parse_dmol(params, target, num_bins, reduction)
+    backend = _backend.code(params)
+    if backend is None:
+        return reference.discretized_logistic_mixture_nll(params, target, num_bins=num_bins,
+                                                          reduction=reduction)
+    return _op(params, target, None, None, None, None, None, None, None, None, _DMOL_NLL, _DMOL,
+               _VAE_REDUCTIONS[reduction], False, float(num_bins), 0.0, 0.0, 0.0, 1.0, backend)[0]
+
+
+def _dmol_elbo(recon, target, mu, logvar, prior_mu, prior_logvar, beta, capacity, free_bits,
+               reduction, return_terms, num_bins, recon_logvar, full):
+    """elbo_loss with the discretized logistic mixture: its pixels and the KL in one op call."""
+    beta, logvar, prior_mu, prior_logvar, reduction = C.parse_dmol_elbo(
+        recon, target, mu, logvar, prior_mu, prior_logvar, beta, reduction, num_bins,
+        recon_logvar, full)
+    capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
+    backend = _backend.code(recon)
+    if backend is None:
+        return reference.elbo_loss(recon, target, mu, logvar, likelihood=C.DMOL,
+                                   prior_mu=prior_mu, prior_logvar=prior_logvar, beta=beta,
+                                   capacity=capacity, free_bits=free_bits, reduction=reduction,
+                                   return_terms=return_terms, num_bins=num_bins)
+    beta_t, beta_c = _beta(beta)
+    lv, lv_c = _param("logvar", logvar, allow_none=False)
+    pmu, pmu_c = _param("prior_mu", prior_mu)
+    plv, plv_c = _param("prior_logvar", prior_logvar)
+    out = ELBOTerms(*_op(recon, target, None, None, None, mu, lv, pmu, plv, beta_t, _ELBO, _DMOL,
+                         _ELBO_REDUCTIONS[reduction], False, float(num_bins), lv_c, pmu_c, plv_c,
+                         beta_c, backend))
+    out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                         lambda: reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    return out if return_terms else out.loss
+
+
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
-              free_bits=None, reduction="batchmean", return_terms=False):
+              free_bits=None, reduction="batchmean", return_terms=False, num_bins=256):
     """Negative ELBO `nll(recon, target) + beta * kl(mu, logvar)` in one fused pass.
 
     likelihood: "bernoulli" (recon are logits), "bernoulli_probs" (recon are probabilities),
@@ -194,7 +244,14 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     recon of shape (K, B, ...) against target (B, ...): the Monte-Carlo ELBO over K samples,
     per example `mean_k nll(recon_kb, target_b) + beta * kl_b`; the target is read for every
     sample without being copied.
+    likelihood="discretized_logistic_mixture": recon are the (B, P, *spatial) parameters of
+    discretized_logistic_mixture_nll against a (B, C, *spatial) target, `num_bins` bins.
     """
+    if likelihood == "discretized_logistic_mixture":
+        return _dmol_elbo(recon, target, mu, logvar, prior_mu, prior_logvar, beta, capacity,
+                          free_bits, reduction, return_terms, num_bins, recon_logvar, full)
+    if num_bins != 256 or type(num_bins) is not int:
+        C.check_num_bins(num_bins, likelihood)  # raises
     if C.sample_count(recon, target) is not None:  # K samples: the Monte-Carlo ELBO
         return _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
                              prior_logvar, beta, capacity, free_bits, reduction, return_terms)

@@ -33,12 +33,13 @@ class ELBOLoss(_Settings, torch.nn.Module):
     _always = ("likelihood", "reduction")
     _defaults = dict(likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
                      prior_logvar=None, beta=1.0, capacity=None, free_bits=None,
-                     reduction="batchmean", return_terms=False)
+                     reduction="batchmean", return_terms=False, num_bins=256)
 
     def __init__(self, *, likelihood="bernoulli", recon_logvar=None, full=True, prior_mu=None,
                  prior_logvar=None, beta=1.0, capacity=None, free_bits=None,
-                 reduction="batchmean", return_terms=False):
+                 reduction="batchmean", return_terms=False, num_bins=256):
         super().__init__()
+        self.num_bins = num_bins
         self.likelihood, self.recon_logvar, self.beta = likelihood, recon_logvar, beta
         self.full, self.capacity, self.free_bits = full, capacity, free_bits
         self.prior_mu, self.prior_logvar = prior_mu, prior_logvar
@@ -50,8 +51,23 @@ class ELBOLoss(_Settings, torch.nn.Module):
             recon_logvar=self.recon_logvar if recon_logvar is None else recon_logvar,
             full=self.full, prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, beta=self.beta,
             capacity=self.capacity, free_bits=self.free_bits,
-            reduction=self.reduction, return_terms=self.return_terms,
+            reduction=self.reduction, return_terms=self.return_terms, num_bins=self.num_bins,
         )
+
+
+class DiscretizedLogisticMixtureNLLLoss(_Settings, torch.nn.Module):
+    """`vae_fast.discretized_logistic_mixture_nll` as a module: `forward(params, target)`."""
+
+    _always = ("num_bins", "reduction")
+    _defaults = dict(num_bins=256, reduction="batchmean")
+
+    def __init__(self, *, num_bins=256, reduction="batchmean"):
+        super().__init__()
+        self.num_bins, self.reduction = num_bins, reduction
+
+    def forward(self, params, target):
+        return F.discretized_logistic_mixture_nll(params, target, num_bins=self.num_bins,
+                                                  reduction=self.reduction)
 
 
 class BernoulliNLLLoss(_Settings, torch.nn.Module):

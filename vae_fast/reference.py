@@ -179,10 +179,15 @@ def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_log
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,
               full=True, prior_mu=None, prior_logvar=None, beta=1.0, capacity=None,
-              free_bits=None, reduction="batchmean", return_terms=False):
+              free_bits=None, reduction="batchmean", return_terms=False, num_bins=256):
     """Negative ELBO: `nll(recon, target) + beta * kl(mu, logvar)`; `recon_logvar="optimal"`:
     the sigma-VAE's shared variance (see vae_fast._common.optimal_gaussian_terms); with `capacity` C,
-    `nll + beta * |kl - C|`; with `free_bits` lambda, `nll + beta * sum_j max(lambda, mean_b KL_bj)`."""
+    `nll + beta * |kl - C|`; with `free_bits` lambda, `nll + beta * sum_j max(lambda, mean_b KL_bj)`;
+    likelihood="discretized_logistic_mixture": recon are its parameters (see dmol_log_prob)."""
+    if likelihood == C.DMOL:
+        return _dmol_elbo(recon, target, mu, logvar, prior_mu, prior_logvar, beta, capacity,
+                          free_bits, reduction, return_terms, num_bins, recon_logvar, full)
+    C.check_num_bins(num_bins, likelihood)
     if C.sample_count(recon, target) is not None:
         return _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
                              prior_logvar, beta, capacity, free_bits, reduction, return_terms)
@@ -238,3 +243,69 @@ def mixture_prior_kl(z, mu, logvar, prior_mu, prior_logvar, prior_logits=None, *
     log_q = log_normal(z, mu, lv).sum(1)
     log_p = torch.logsumexp(log_w + log_normal(z[:, None, :], pm, plv).sum(2), 1)
     return C.reduce_terms(log_q - log_p, reduction)
+
+
+def dmol_log_prob(params: torch.Tensor, target: torch.Tensor, num_bins: int = 256) -> torch.Tensor:
+    """log p(target | params) per pixel, (B, *spatial), of the discretized logistic mixture:
+    PixelCNN++'s `discretized_mix_logistic_loss` (Salimans et al. 2017) in PyTorch layout and
+    with `num_bins` bins K, written as its formula. Per pixel, component k and channel c:
+    mean `m_ck` (green gets `+ tanh(a_0k) * x_red`, blue `+ tanh(a_1k) * x_red + tanh(a_2k) *
+    x_green`), log-scale `s_ck = max(raw, -7)`, `u = x_c - m_ck`, half-bin `h = 1/(K-1)`;
+    `log P = log sigmoid((u+h)/e^s)` where `x_c < -0.999`, `log(1 - sigmoid((u-h)/e^s))` where
+    `x_c > 0.999`, else `log(sigmoid((u+h)/e^s) - sigmoid((u-h)/e^s))`, or, where that
+    probability is at most 1e-5, `log_pdf(u) - log((K-1)/2)`; then
+    `logsumexp_k(log_softmax(logits)_k + sum_c log P_ck)`. The bin probability is the
+    difference of the sigmoids' complements where both are above 1/2 (the same number, without
+    float32's cancellation). Float64 when either input is, else float32."""
+    dt = C.acc_dtype(params, target)
+    c = target.shape[1]
+    m = params.shape[1] // (10 if c == 3 else 3)
+    l = params.to(dt).movedim(1, -1)  # (B, *S, P)
+    x = target.to(dt).movedim(1, -1).unsqueeze(-1)  # (B, *S, C, 1)
+    logits = l[..., :m]
+    rest = l[..., m:].unflatten(-1, (c, -1))  # (B, *S, C, 3M) or (B, *S, 1, 2M)
+    means = rest[..., :m]
+    log_scales = rest[..., m:2 * m].clamp_min(-7.0)
+    if c == 3:
+        a = torch.tanh(rest[..., 2 * m:3 * m])
+        x0, x1 = x[..., 0, :], x[..., 1, :]
+        means = torch.stack((means[..., 0, :], means[..., 1, :] + a[..., 0, :] * x0,
+                             means[..., 2, :] + a[..., 1, :] * x0 + a[..., 2, :] * x1), -2)
+    u = x - means
+    inv = torch.exp(-log_scales)
+    h = 1.0 / (num_bins - 1)
+    plus, minus, mid = inv * (u + h), inv * (u - h), inv * u
+    log_cdf_plus = -_softplus(-plus)
+    log_sf_min = -_softplus(minus)
+    delta = torch.where(minus > 0, torch.sigmoid(-minus) - torch.sigmoid(-plus),
+                        torch.sigmoid(plus) - torch.sigmoid(minus))
+    log_pdf_mid = mid - log_scales - 2.0 * _softplus(mid)
+    inner = torch.where(delta > 1e-5, torch.log(delta.clamp_min(1e-12)),
+                        log_pdf_mid - math.log((num_bins - 1) / 2))
+    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_sf_min, inner))
+    return torch.logsumexp(log_p.sum(-2) + torch.log_softmax(logits, -1), -1)
+
+
+def discretized_logistic_mixture_nll(params, target, *, num_bins=256, reduction="batchmean"):
+    """-log p(target | params) of the discretized logistic mixture (see dmol_log_prob), summed
+    per pixel and reduced: "batchmean", "sum", "mean" (per dimension of target), "none" (B,)."""
+    C.parse_dmol(params, target, num_bins, reduction)
+    per = -dmol_log_prob(params, target, num_bins).flatten(1).sum(1)
+    return C.dmol_reduce(per, reduction, target.numel())
+
+
+def _dmol_elbo(recon, target, mu, logvar, prior_mu, prior_logvar, beta, capacity, free_bits,
+               reduction, return_terms, num_bins, recon_logvar, full):
+    beta, logvar, prior_mu, prior_logvar, reduction = C.parse_dmol_elbo(
+        recon, target, mu, logvar, prior_mu, prior_logvar, beta, reduction, num_bins,
+        recon_logvar, full)
+    capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
+    nll = discretized_logistic_mixture_nll(recon, target, num_bins=num_bins, reduction=reduction)
+    kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction=reduction)
+    nll = nll.to(C.acc_dtype(nll, kl))
+    kl = kl.to(nll.dtype)
+    w = beta.to(nll.dtype) if isinstance(beta, torch.Tensor) else beta
+    out = ELBOTerms(nll + w * kl, nll, kl)
+    out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
+                         lambda: free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
+    return out if return_terms else out.loss

@@ -74,7 +74,7 @@ SPECS = {}
 def _install_hooks():
     from vae_fast import aot, triton_kernels as tk
 
-    for name in ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel"):
+    for name in ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel", "_dmol_kernel"):
         fn = getattr(tk, name)
 
         def hook(*args, _name=name, _fn=fn, **kwargs):

@@ -4,8 +4,9 @@ For each kernel specialization (argument types, 16-divisibility, constexprs; rec
 launches) and each target (sm_80 Ampere, sm_90 Hopper) it runs the real Triton compiler, then
 prints whether it compiled, its registers and spills (`cuobjdump --dump-resource-usage` on the
 cubin, shipped in the triton wheel) and whether the loads are 128-bit vector loads
-(`ld.global.v4.b32` / `ld.global.v2.b64` in the PTX). Exit status 1 when any fails, or when an
-aligned float32/bfloat16 case of the built-in table has no vectorized load.
+(`ld.global.v4.b32` / `ld.global.v2.b64` in the PTX). Exit status 1 when any fails, when an
+aligned float32/bfloat16 case of the built-in table has no vectorized load, or when a
+discretized logistic mixture kernel spills (stack or local memory).
 
     python -m vae_fast.aot                 # the built-in table of representative calls
     python -m vae_fast.aot --specs F.json  # specializations recorded elsewhere (the test run)
@@ -21,6 +22,8 @@ import sys
 import tempfile
 
 ARCHS = (80, 90)
+KERNELS = ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel", "_dmol_kernel")
+NO_SPILLS = ("_dmol_kernel",)  # a pixel's whole mixture must stay in registers
 _VECTOR = re.compile(r"ld\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64|v4\.b16|v8\.b16)")
 _SCALAR = re.compile(r"ld\.global(?:\.\w+)*\.(?:b32|b64|b16|b8|u8|f32|f64)\s")
 
@@ -59,7 +62,7 @@ def _kernels():
 
     if not isinstance(tk._fused_loss_fwd_kernel, JITFunction):
         raise RuntimeError("vae_fast.aot must run without TRITON_INTERPRET=1 (run it in a fresh process)")
-    return {k: getattr(tk, k) for k in ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel")}
+    return {k: getattr(tk, k) for k in KERNELS}
 
 
 def _cuobjdump():
@@ -154,6 +157,31 @@ def builtin_cases():
         out = vae_fast.binary_cross_entropy_with_logits(x, y, t(64), "none", t(64))
         (out * 2).sum().backward()
     cases.append(("bce_with_logits fp32 weight+pos_weight elementwise", bce, True))
+
+    def dmol(C, dtype, M=10, grad=True, channels_last=False, elbo=False):
+        def run():
+            params = torch.randn(16, (10 if C == 3 else 3) * M, 32, 32, dtype=dtype)
+            if channels_last:
+                params = params.to(memory_format=torch.channels_last)
+            params.requires_grad_(grad)
+            target = (torch.randint(0, 256, (16, C, 32, 32)) / 127.5 - 1).to(dtype)
+            if elbo:
+                out = vae_fast.elbo_loss(params, target, t(16, 32, dtype=dtype), t(16, 32, dtype=dtype),
+                                         likelihood="discretized_logistic_mixture")
+            else:
+                out = vae_fast.discretized_logistic_mixture_nll(params, target)
+            if grad:
+                (out * 2).backward()
+        return run
+
+    for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float64, "fp64")):
+        cases.append((f"dmol C=3 M=10 {dname}", dmol(3, dtype), False))
+    cases.append(("dmol C=1 M=10 fp32", dmol(1, torch.float32), False))
+    cases.append(("dmol C=3 M=5 fp32", dmol(3, torch.float32, M=5), False))
+    cases.append(("dmol C=3 M=30 fp32", dmol(3, torch.float32, M=30), False))
+    cases.append(("dmol C=3 M=10 fp32 channels_last", dmol(3, torch.float32, channels_last=True), False))
+    cases.append(("dmol C=3 M=10 fp32 forward only", dmol(3, torch.float32, grad=False), False))
+    cases.append(("elbo dmol C=3 M=10 fp32", dmol(3, torch.float32, elbo=True), False))
     return cases
 
 
@@ -176,7 +204,7 @@ def record_builtin() -> list[tuple[str, list[dict], bool]]:
                 recorded.append(spec_of(self.fn.__name__, self.fn.arg_names, args, kwargs, warps))
             return launch
 
-    names = ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel")
+    names = KERNELS
     saved = {n: getattr(tk, n) for n in names}
     _ext.register_triton("cpu")  # the launchers take CPU tensors; the recorders launch nothing
     out = []
@@ -243,6 +271,9 @@ def main(argv=None) -> int:
                 bad = not r["ok"]
                 if aligned and r["ok"] and r["kernel"] == "_fused_loss_fwd_kernel" and not r["vector_loads"]:
                     bad, r["error"] = True, "no 128-bit vector load in an aligned fp32/bf16 case"
+                if r["ok"] and r["kernel"] in NO_SPILLS and (r.get("local") or r.get("stack")):
+                    bad, r["error"] = True, (f"spills: regs={r.get('reg')} stack={r.get('stack')} "
+                                             f"local={r.get('local')}")
                 if bad:
                     failures.append(r)
                 if not args.quiet or bad:

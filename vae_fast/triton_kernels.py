@@ -427,6 +427,142 @@ def _scale_bufs(p0, p1, p2, p3, p4, off, mask, c, N: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
+# The discretized logistic mixture (PixelCNN++): one program takes BLOCK pixels of one example,
+# a [BLOCK, M_PAD] tile per parameter group, so a pixel's mixture stays in registers. The
+# formulas and their derivatives are those of csrc/dmol_impl.h (see reference.dmol_log_prob
+# for the function itself).
+
+
+@triton.jit
+def _tanh(a):
+    # sign(a) * -expm1(-2|a|) / (2 + expm1(-2|a|)), accurate near 0
+    e = _expm1(-2.0 * tl.abs(a))
+    t = -e / (2.0 + e)
+    return tl.where(a < 0, -t, t)
+
+
+@triton.jit
+def _dmol_channel(xb, x_sp, kk, msk, base, xc, mean_add, h, two_h, log_half, M: tl.constexpr,
+                  ACC: tl.constexpr):
+    """log P_ck of one colour channel for the whole tile, and d log P / du, d log P / d raw
+    log-scale (u = x_c - mean)."""
+    mean = tl.load(xb + (base + kk)[None, :] * x_sp, mask=msk, other=0.0).to(ACC) + mean_add
+    raw = tl.load(xb + (base + M + kk)[None, :] * x_sp, mask=msk, other=0.0).to(ACC)
+    s = _max(raw, -7.0)
+    inv = tl.exp(-s)
+    u = xc - mean
+    plus = inv * (u + h)
+    minus = inv * (u - h)
+    ep = tl.exp(-tl.abs(plus))
+    em = tl.exp(-tl.abs(minus))
+    rp = 1.0 / (1.0 + ep)  # sigmoid(|plus|)
+    rm = 1.0 / (1.0 + em)
+    # the bin probability without cancellation: -expm1(-d) * N / ((1 + ep)(1 + em)), d =
+    # plus - minus, N = em (both arguments > 0), ep (both <= 0), else 1
+    nfac = tl.where(minus > 0, em, tl.where(plus > 0, 1.0, ep))
+    delta = (-_expm1(-two_h * inv) * nfac) * (rp * rm)
+    dc = _max(delta, 1e-6)
+    logp = tl.log(dc)
+    idelta = 1.0 / dc
+    epr = ep * rp  # sigmoid(-|plus|)
+    emr = em * rm
+    dplus = (epr * rp) * idelta  # sigmoid'(plus) / delta
+    dminus = -(emr * rm) * idelta
+    lo = xc < -0.999
+    hi = xc > 0.999
+    # edge bins: log sigmoid(plus) below, -softplus(minus) above
+    logp = tl.where(lo, tl.minimum(plus, 0.0) - _log1p(ep),
+                    tl.where(hi, -(tl.maximum(minus, 0.0) + _log1p(em)), logp))
+    dplus = tl.where(lo, tl.where(plus >= 0, epr, rp), tl.where(hi, 0.0, dplus))
+    dminus = tl.where(hi, -tl.where(minus >= 0, rm, emr), tl.where(lo, 0.0, dminus))
+    du = inv * (dplus + dminus)
+    ds = -(plus * dplus + minus * dminus)
+    # a bin probability at most 1e-5: the density at the bin centre, log pdf - log((K-1)/2)
+    fb = (delta <= 1e-5) & ~(lo | hi)
+    mid = inv * u
+    e = tl.exp(-tl.abs(mid))
+    sp = tl.maximum(mid, 0.0) + _log1p(e)
+    th = (1.0 - e) / (1.0 + e)
+    dmid = tl.where(mid < 0, th, -th)  # 1 - 2 sigmoid(mid)
+    logp = tl.where(fb, mid - s - (sp + sp) - log_half, logp)
+    du = tl.where(fb, inv * dmid, du)
+    ds = tl.where(fb, -(mid * dmid + 1.0), ds)
+    ds = tl.where(raw >= -7.0, ds, 0.0)  # the floor passes no gradient below it
+    return logp, du, ds
+
+
+@triton.jit
+def _dmol_kernel(
+    x_ptr, y_ptr, part_ptr, gx_ptr, pixels, chunks, x_sb, x_sp, x_ss, y_sb, y_sc, y_ss,
+    h_hi, h_lo, lh_hi, lh_lo, scale_hi, scale_lo,
+    M: tl.constexpr, C: tl.constexpr, M_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    G_X: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // chunks).to(tl.int64)
+    chunk = pid % chunks
+    pix = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pmask = pix < pixels
+    kk = tl.arange(0, M_PAD)
+    kmask = kk < M
+    msk = pmask[:, None] & kmask[None, :]
+    xb = x_ptr + b * x_sb + pix[:, None] * x_ss
+    yb = y_ptr + b * y_sb + pix * y_ss
+    h = _f64ish(h_hi, h_lo, ACC)
+    log_half = _f64ish(lh_hi, lh_lo, ACC)
+    two_h = h + h
+    logits = tl.load(xb + kk[None, :] * x_sp, mask=msk, other=0.0).to(ACC)
+    logits = tl.where(kmask[None, :], logits, -float("inf"))
+    lmax = tl.max(logits, 1)
+    le = tl.exp(logits - lmax[:, None])
+    lsum = tl.sum(le, 1)
+    x0 = tl.load(yb, mask=pmask, other=0).to(ACC)[:, None]
+    if C == 3:
+        x1 = tl.load(yb + y_sc, mask=pmask, other=0).to(ACC)[:, None]
+        x2 = tl.load(yb + 2 * y_sc, mask=pmask, other=0).to(ACC)[:, None]
+        t0 = _tanh(tl.load(xb + (3 * M + kk)[None, :] * x_sp, mask=msk, other=0.0).to(ACC))
+        t1 = _tanh(tl.load(xb + (6 * M + kk)[None, :] * x_sp, mask=msk, other=0.0).to(ACC))
+        t2 = _tanh(tl.load(xb + (9 * M + kk)[None, :] * x_sp, mask=msk, other=0.0).to(ACC))
+        lp0, du0, ds0 = _dmol_channel(xb, x_sp, kk, msk, M, x0, 0.0, h, two_h, log_half, M, ACC)
+        lp1, du1, ds1 = _dmol_channel(xb, x_sp, kk, msk, 4 * M, x1, t0 * x0, h, two_h, log_half,
+                                      M, ACC)
+        lp2, du2, ds2 = _dmol_channel(xb, x_sp, kk, msk, 7 * M, x2, t1 * x0 + t2 * x1, h, two_h,
+                                      log_half, M, ACC)
+        a = logits + (lp0 + lp1 + lp2)
+    else:
+        lp0, du0, ds0 = _dmol_channel(xb, x_sp, kk, msk, M, x0, 0.0, h, two_h, log_half, M, ACC)
+        a = logits + lp0
+    a = tl.where(kmask[None, :], a, -float("inf"))
+    amax = tl.max(a, 1)
+    ae = tl.exp(a - amax[:, None])
+    asum = tl.sum(ae, 1)
+    loss = (lmax + tl.log(lsum)) - (amax + tl.log(asum))  # -log p per pixel
+    tl.store(part_ptr + pid, tl.sum(tl.where(pmask, loss, 0.0), 0))
+    if G_X:
+        scale = _f64ish(scale_hi, scale_lo, ACC)
+        gb = gx_ptr + b * x_sb + pix[:, None] * x_ss
+        rs = ae * (scale / asum)[:, None]  # responsibility times scale
+        pi = le * (scale / lsum)[:, None]
+        tl.store(gb + kk[None, :] * x_sp, _cast(pi - rs, gx_ptr), mask=msk)
+        g0 = rs * du0
+        tl.store(gb + (M + kk)[None, :] * x_sp, _cast(g0, gx_ptr), mask=msk)
+        tl.store(gb + (2 * M + kk)[None, :] * x_sp, _cast(-rs * ds0, gx_ptr), mask=msk)
+        if C == 3:
+            g1 = rs * du1
+            g2 = rs * du2
+            tl.store(gb + (3 * M + kk)[None, :] * x_sp, _cast(g1 * x0 * (1.0 - t0 * t0), gx_ptr),
+                     mask=msk)
+            tl.store(gb + (4 * M + kk)[None, :] * x_sp, _cast(g1, gx_ptr), mask=msk)
+            tl.store(gb + (5 * M + kk)[None, :] * x_sp, _cast(-rs * ds1, gx_ptr), mask=msk)
+            tl.store(gb + (6 * M + kk)[None, :] * x_sp, _cast(g2 * x0 * (1.0 - t1 * t1), gx_ptr),
+                     mask=msk)
+            tl.store(gb + (7 * M + kk)[None, :] * x_sp, _cast(g2, gx_ptr), mask=msk)
+            tl.store(gb + (8 * M + kk)[None, :] * x_sp, _cast(-rs * ds2, gx_ptr), mask=msk)
+            tl.store(gb + (9 * M + kk)[None, :] * x_sp, _cast(g2 * x1 * (1.0 - t2 * t2), gx_ptr),
+                     mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host-side launchers. csrc/run.cpp plans and lowers every call (contiguous or memory-order
 # flat buffers, broadcast geometry, scales) and calls these through the launch-only ops
 # vae_fast::triton_fwd / triton_scale, which vae_fast/_ext.py registers: they only launch.
@@ -574,3 +710,33 @@ def launch_scale(bufs_r, bufs_k, g_loss, g_nll, g_kl, beta_t, ints, beta):
     """vae_fast::triton_scale: `ints` = reduction mode, rows, row lengths (recon, KL)."""
     scale_(bufs_r, bufs_k, g_loss, g_nll, g_kl, beta=beta, red_mode=ints[0], rows=ints[1],
            row_len_r=ints[2], row_len_k=ints[3], beta_t=beta_t)
+
+
+DMOL_TILE = 512  # pixels x padded components per program
+
+
+def launch_dmol(x, y, sums, gx, ints, floats):
+    """vae_fast::triton_dmol: `ints` = batch, pixels, mixture components M, channels C, then the
+    element strides of params (batch, channel, pixel) and target (batch, channel, pixel);
+    `floats` = num_bins, the gradient's scale. Writes the per-example sums of -log p into
+    `sums` and d(-log p)/d params * scale into `gx` (csrc/run.cpp, run_dmol)."""
+    batch, pixels, mix, ch, x_sb, x_sp, x_ss, y_sb, y_sc, y_ss = (int(v) for v in ints)
+    num_bins, scale = floats
+    m_pad = _next_pow2(mix)
+    block = max(1, min(_next_pow2(pixels), DMOL_TILE // m_pad))
+    chunks = triton.cdiv(pixels, block)
+    if batch == 0:
+        return
+    if chunks == 0:
+        sums.zero_()
+        return
+    part = torch.empty((batch, chunks), device=sums.device, dtype=sums.dtype)
+    warps = max(1, min(4, block * m_pad // 128))
+    LAST_NUM_WARPS["_dmol_kernel"] = warps
+    _dmol_kernel[(batch * chunks,)](
+        x, y, part, x if gx is None else gx, pixels, chunks, x_sb, x_sp, x_ss, y_sb, y_sc, y_ss,
+        *_hilo(1.0 / (num_bins - 1)), *_hilo(math.log((num_bins - 1) / 2)), *_hilo(scale),
+        M=mix, C=ch, M_PAD=m_pad, BLOCK=block, G_X=gx is not None, ACC=_ACC[sums.dtype],
+        num_warps=warps,
+    )
+    torch.sum(part, 1, out=sums)  # in chunk order: deterministic

@@ -712,7 +712,8 @@ def launch_scale(bufs_r, bufs_k, g_loss, g_nll, g_kl, beta_t, ints, beta):
            row_len_r=ints[2], row_len_k=ints[3], beta_t=beta_t)
 
 
-DMOL_TILE = 512  # pixels x padded components per program
+DMOL_TILE = 256  # pixels x padded components per program
+DMOL_PER_THREAD = 2
 
 
 def launch_dmol(x, y, sums, gx, ints, floats):
@@ -731,7 +732,10 @@ def launch_dmol(x, y, sums, gx, ints, floats):
         sums.zero_()
         return
     part = torch.empty((batch, chunks), device=sums.device, dtype=sums.dtype)
-    warps = max(1, min(4, block * m_pad // 128))
+    # at most DMOL_PER_THREAD tile elements per thread (one in float64): a pixel's ~20 live
+    # tiles then fit in the registers without spilling (python -m vae_fast.aot checks it)
+    per = 1 if sums.dtype == torch.float64 else DMOL_PER_THREAD
+    warps = max(1, min(8, block * m_pad // (32 * per)))
     LAST_NUM_WARPS["_dmol_kernel"] = warps
     _dmol_kernel[(batch * chunks,)](
         x, y, part, x if gx is None else gx, pixels, chunks, x_sb, x_sp, x_ss, y_sb, y_sc, y_ss,

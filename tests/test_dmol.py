@@ -197,10 +197,12 @@ def test_other_ranks(backend, shape):
 
 @pytest.mark.parametrize("C", [3, 1])
 def test_gradcheck(backend, C):
-    params, target = _inputs(B=2, C=C, M=2, H=2, W=3, spread=2.0)
-    for red in ("sum", "none"):
-        assert torch.autograd.gradcheck(
-            lambda p: dmol_nll(p, target, reduction=red), (params.requires_grad_(),))
+    # per example ("none"): the Jacobian of every reduction is a row sum of it. One row of 3
+    # pixels per example: both edge bins and an interior one, log-scales under the floor (the
+    # interpreter makes each evaluation slow: 120 inputs for C = 3)
+    params, target = _inputs(B=2, C=C, M=2, H=1, W=3, spread=2.0)
+    assert torch.autograd.gradcheck(
+        lambda p: dmol_nll(p, target, reduction="none"), (params.requires_grad_(),))
 
 
 def test_deterministic_whatever_the_threads():

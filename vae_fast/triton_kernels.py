@@ -498,10 +498,10 @@ def _dmol_kernel(
     M: tl.constexpr, C: tl.constexpr, M_PAD: tl.constexpr, BLOCK: tl.constexpr,
     G_X: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // chunks).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // chunks
     chunk = pid % chunks
-    pix = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pix = chunk * BLOCK + tl.arange(0, BLOCK)
     pmask = pix < pixels
     kk = tl.arange(0, M_PAD)
     kmask = kk < M

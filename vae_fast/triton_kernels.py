@@ -732,10 +732,13 @@ def launch_dmol(x, y, sums, gx, ints, floats):
         sums.zero_()
         return
     part = torch.empty((batch, chunks), device=sums.device, dtype=sums.dtype)
-    # at most DMOL_PER_THREAD tile elements per thread (one in float64): a pixel's ~20 live
+    # at most DMOL_PER_THREAD tile elements per thread (at most one in float64): a pixel's ~20 live
     # tiles then fit in the registers without spilling (python -m vae_fast.aot checks it)
-    per = 1 if sums.dtype == torch.float64 else DMOL_PER_THREAD
-    warps = max(1, min(8, block * m_pad // (32 * per)))
+    # (float64 always takes 8 warps: with 4, small tiles still spilled 8 bytes on sm_90)
+    if sums.dtype == torch.float64:
+        warps = 8
+    else:
+        warps = max(1, min(8, block * m_pad // (32 * DMOL_PER_THREAD)))
     LAST_NUM_WARPS["_dmol_kernel"] = warps
     _dmol_kernel[(batch * chunks,)](
         x, y, part, x if gx is None else gx, pixels, chunks, x_sb, x_sp, x_ss, y_sb, y_sc, y_ss,

@@ -357,6 +357,22 @@ def test_continuous_bernoulli_is_exact_for_every_logit(backend, dtype, path):
     assert torch.isfinite(out.nll).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_continuous_bernoulli_gradient_at_huge_and_infinite_logits(backend, dtype):
+    """Past the closed forms' range the gradient is its limit, 1 - y at z -> +inf and -y at
+    z -> -inf (1/z and e^-|z| vanish), finite at every logit up to the largest float and at
+    +-inf, where the product e^-|z| * |z| must not turn into 0 * inf."""
+    big = torch.finfo(dtype).max
+    z = torch.tensor([1e4, 1e30, big, float("inf"), -1e4, -1e30, -big, float("-inf")], dtype=dtype)
+    y = torch.tensor([0.3, 0.0, 1.0, 0.7, 0.3, 0.0, 1.0, 0.7], dtype=dtype)
+    x = z.view(-1, 1).requires_grad_()
+    out = vae_fast.elbo_loss(x, y.view(-1, 1), torch.zeros(z.numel(), 2, dtype=dtype), 0.0,
+                             likelihood="continuous_bernoulli", reduction="none", return_terms=True)
+    (grad,) = torch.autograd.grad(out.nll.sum(), x)
+    want = torch.where(z > 0, 1 - y, -y)
+    torch.testing.assert_close(grad.view(-1), want, rtol=0, atol=1e-3)
+
+
 def test_continuous_bernoulli_matches_torch_distributions():
     """The reference twin against torch.distributions.ContinuousBernoulli in float64, where
     that probability form is accurate (|logit| <= 5), values and gradients; beyond, the

@@ -870,8 +870,9 @@ def test_deterministic_runs_and_threads():
 
 
 def test_deterministic_threads_scalar_parameter_gradients():
-    """Scalar broadcast parameters (w, pw, rlv, plv of shape () or (1,)), SUM reduction: the
-    summed gradients must be the same bits for any thread count, as every other output is
+    """Scalar broadcast parameters (w, pw, rlv, plv of shape () or (1,)) and a per-channel rlv,
+    SUM reduction: the summed gradients must be the same bits for any thread count, as every
+    other output is
     (csrc/run.cpp sums them in fixed pieces; torch's own sum split them by thread count)."""
     gen = torch.Generator().manual_seed(25)
     x, y, mu = make_inputs(BERN_LOGITS, (6, 3, 61, 67), (6, 20011), torch.float32, gen)
@@ -881,7 +882,9 @@ def test_deterministic_threads_scalar_parameter_gradients():
     def both():
         a = run(BERN_LOGITS, x, y, None, w, pw, mu, None, None, plv, want=["w", "pw", "plv"])
         b = run(GAUSS, g, t, rlv, want=["rlv"])
-        return {**a[3], **b[3]}
+        # a per-channel (C, 1, 1) log-variance: summed in runs of H * W elements
+        c = run(GAUSS, g, t, torch.tensor([0.2, 0.1, -0.3]).view(3, 1, 1), want=["rlv"])
+        return {**a[3], **b[3], "rlv_channel": c[3]["rlv"]}
 
     runs = _runs_over_threads(both, threads=(1, 2, 3, 4))
     bad = {k for r in runs[1:] for k in r if not _same_bits(runs[0][k], r[k])}

@@ -33,7 +33,8 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
 }
-SOURCES = ["ops.cpp", "module.cpp", "plan.cpp", "run.cpp", "cpu_dispatch.cpp", "kernels_default.cpp"]
+SOURCES = ["ops.cpp", "module.cpp", "plan.cpp", "run.cpp", "cpu_dispatch.cpp", "kernels_default.cpp",
+           "mixture.cpp"]
 
 
 class BuildWithIsaKernels(BuildExtension):

@@ -72,15 +72,15 @@ SPECS = {}
 
 
 def _install_hooks():
-    from vae_fast import aot, triton_kernels as tk
+    from vae_fast import aot
 
-    for name in ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel", "_dmol_kernel"):
-        fn = getattr(tk, name)
+    for name, mod in aot.kernel_modules().items():
+        fn = getattr(mod, name)
 
-        def hook(*args, _name=name, _fn=fn, **kwargs):
+        def hook(*args, _name=name, _fn=fn, _mod=mod, **kwargs):
             LAUNCHES[_name] = LAUNCHES.get(_name, 0) + 1
             kwargs = {k: v for k, v in kwargs.items() if k in _fn.arg_names}
-            spec = aot.spec_of(_name, _fn.arg_names, args, kwargs, tk.LAST_NUM_WARPS.get(_name, 4))
+            spec = aot.spec_of(_name, _fn.arg_names, args, kwargs, _mod.LAST_NUM_WARPS.get(_name, 4))
             SPECS.setdefault(aot.spec_key(spec), spec)
 
         fn.add_pre_run_hook(hook)

@@ -1,6 +1,7 @@
 """Loads vae_fast._C, the extension compiled at install time (setup.py), which defines the ops
 in `torch.ops.vae_fast` and their CPU, Meta and autograd kernels; then registers, from Python,
-the kernels of the two launch-only ops that run Triton (vae_fast/triton_kernels.py).
+the kernels of the launch-only ops that run Triton (vae_fast/triton_kernels.py, and
+vae_fast/triton_mixture.py for mixture_prior_kl).
 
 Nothing is compiled here. An extension that cannot load (not built, or built for another torch)
 leaves `module` None and says why in `reason`: the "auto" backend then warns once and uses the
@@ -60,6 +61,18 @@ def _triton_dmol(*args):
     triton_kernels.launch_dmol(*args)
 
 
+def _triton_mixture_fwd(*args):
+    from . import triton_mixture
+
+    triton_mixture.launch_forward(*args)
+
+
+def _triton_mixture_bwd(*args):
+    from . import triton_mixture
+
+    triton_mixture.launch_backward(*args)
+
+
 def register_triton(device_type: str) -> None:
     """Let the Triton kernels take tensors of `device_type` ("cuda"; "cpu" runs them in
     Triton's interpreter, or, for vae_fast.aot, records their launches)."""
@@ -72,6 +85,8 @@ def register_triton(device_type: str) -> None:
     _lib.impl("triton_fwd", _triton_fwd, key)
     _lib.impl("triton_scale", _triton_scale, key)
     _lib.impl("triton_dmol", _triton_dmol, key)
+    _lib.impl("triton_mixture_fwd", _triton_mixture_fwd, key)
+    _lib.impl("triton_mixture_bwd", _triton_mixture_bwd, key)
     triton_devices = triton_devices + (device_type,)
 
 

@@ -22,7 +22,8 @@ import sys
 import tempfile
 
 ARCHS = (80, 90)
-KERNELS = ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel", "_dmol_kernel")
+KERNELS = ("_fused_loss_fwd_kernel", "_finalize_kernel", "_scale_grads_kernel", "_dmol_kernel",
+           "_mixture_fwd_kernel", "_mixture_bwd_rows_kernel", "_mixture_bwd_cols_kernel")
 NO_SPILLS = ("_dmol_kernel",)  # a pixel's whole mixture must stay in registers
 _VECTOR = re.compile(r"ld\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64|v4\.b16|v8\.b16)")
 _SCALAR = re.compile(r"ld\.global(?:\.\w+)*\.(?:b32|b64|b16|b8|u8|f32|f64)\s")
@@ -54,6 +55,13 @@ def spec_key(spec: dict) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
+def kernel_modules() -> dict:
+    """Kernel name -> the module that defines it (and its LAST_NUM_WARPS)."""
+    from . import triton_kernels as tk, triton_mixture as tm
+
+    return {k: tm if k in tm.KERNELS else tk for k in KERNELS}
+
+
 def _kernels():
     os.environ.pop("TRITON_INTERPRET", None)
     from . import triton_kernels as tk
@@ -62,7 +70,7 @@ def _kernels():
 
     if not isinstance(tk._fused_loss_fwd_kernel, JITFunction):
         raise RuntimeError("vae_fast.aot must run without TRITON_INTERPRET=1 (run it in a fresh process)")
-    return {k: getattr(tk, k) for k in KERNELS}
+    return {k: getattr(mod, k) for k, mod in kernel_modules().items()}
 
 
 def _cuobjdump():
@@ -182,6 +190,21 @@ def builtin_cases():
     cases.append(("dmol C=3 M=10 fp32 channels_last", dmol(3, torch.float32, channels_last=True), False))
     cases.append(("dmol C=3 M=10 fp32 forward only", dmol(3, torch.float32, grad=False), False))
     cases.append(("elbo dmol C=3 M=10 fp32", dmol(3, torch.float32, elbo=True), False))
+
+    def mixture(dtype, logits=True, grad=True, B=256, K=500, Z=64):
+        def run():
+            lv, plv = t(B, Z, dtype=dtype, grad=grad), t(1, Z, dtype=dtype, grad=grad)
+            out = vae_fast.mixture_prior_kl(t(B, Z, dtype=dtype, grad=grad), t(B, Z, dtype=dtype, grad=grad), lv,
+                                            t(K, Z, dtype=dtype, grad=grad), plv,
+                                            t(K, dtype=dtype, grad=grad) if logits else None)
+            if grad:
+                out.backward()
+        return run
+
+    for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float64, "fp64")):
+        cases.append((f"mixture_prior_kl B=256 K=500 Z=64 {dname}", mixture(dtype), False))
+    cases.append(("mixture_prior_kl B=5 K=3 Z=7 fp32 equal weights", mixture(torch.float32, False, B=5, K=3, Z=7), False))
+    cases.append(("mixture_prior_kl fp32 forward only", mixture(torch.float32, grad=False), False))
     return cases
 
 
@@ -190,7 +213,7 @@ def record_builtin() -> list[tuple[str, list[dict], bool]]:
     the Triton backend with CPU tensors and launching replaced by recording (no GPU, no
     interpreter needed: outputs are left uninitialized)."""
     import vae_fast
-    from vae_fast import _ext, triton_kernels as tk
+    from vae_fast import _ext
 
     recorded = []
 
@@ -204,13 +227,14 @@ def record_builtin() -> list[tuple[str, list[dict], bool]]:
                 recorded.append(spec_of(self.fn.__name__, self.fn.arg_names, args, kwargs, warps))
             return launch
 
+    modules = kernel_modules()
     names = KERNELS
-    saved = {n: getattr(tk, n) for n in names}
+    saved = {n: getattr(modules[n], n) for n in names}
     _ext.register_triton("cpu")  # the launchers take CPU tensors; the recorders launch nothing
     out = []
     try:
         for n in names:
-            setattr(tk, n, _Recorder(saved[n]))
+            setattr(modules[n], n, _Recorder(saved[n]))
         with vae_fast.use_backend("triton"):
             for name, thunk, aligned in builtin_cases():
                 recorded.clear()
@@ -218,7 +242,7 @@ def record_builtin() -> list[tuple[str, list[dict], bool]]:
                 out.append((name, list(recorded), aligned))
     finally:
         for n in names:
-            setattr(tk, n, saved[n])
+            setattr(modules[n], n, saved[n])
     return out
 
 

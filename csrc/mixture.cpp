@@ -289,41 +289,32 @@ void cpu_forward(const Prepared& P, Tensor& kl, Tensor& r) {
           *lv = P.lv.const_data_ptr<T>(), *pm = P.pm.const_data_ptr<T>(),
           *prec = P.prec.const_data_ptr<T>(), *ck = P.ck.const_data_ptr<T>();
   T* out = kl.data_ptr<T>();
-  T* rr = r.defined() ? r.data_ptr<T>() : nullptr;
+  // log w_k + log N_bk, in r itself when r is kept
+  Tensor lj = r.defined() ? r : at::empty({B, K}, P.z.options());
+  T* lnb = lj.data_ptr<T>();
   at::parallel_for(0, B, row_grain(K, Z), [&](int64_t b0, int64_t b1) {
-    // a task's rows of log w_k + log N_bk: r's own rows when kept, else a scratch block
-    std::vector<T> scratch;
-    T* lnb = rr ? rr + b0 * K : (scratch.resize((b1 - b0) * K), scratch.data());
-    log_joint_rows_any(z, pm, prec, ck, b0, b1, K, Z, lnb);
+    log_joint_rows_any(z, pm, prec, ck, b0, b1, K, Z, lnb + b0 * K);
     for (int64_t b = b0; b < b1; ++b) {
       T sq = 0;
       for (int64_t j = 0; j < Z; ++j) {
         const T d = z[b * Z + j] - mu[b * Z + j], l = lv[b * Z + j];
         sq += l + d * d * std::exp(-l);
       }
-      T* row = lnb + (b - b0) * K;
-      const T mx = *std::max_element(row, row + K);
-      T log_p = mx;  // every component at -inf: log p = -inf, KL = +inf
-      if (std::isfinite(mx)) {
-        // terms under e^-75 (float) / e^-700 (double) of the largest are 0: below the sum's
-        // last bit, and never a subnormal, whose arithmetic is ~100 times slower
-        const T cut = sizeof(T) == 4 ? T(-75) : T(-700);
-        T s = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const T d = row[k] - mx;
-          s += (row[k] = d < cut ? T(0) : std::exp(d));
-        }
-        log_p = mx + std::log(s);
-        if (rr) {
-          const T inv = T(1) / s;
-          for (int64_t k = 0; k < K; ++k) row[k] *= inv;
-        }
-      } else if (rr) {
-        std::fill(row, row + K, std::numeric_limits<T>::quiet_NaN());
-      }
-      out[b] = T(-0.5) * sq - log_p;
+      out[b] = T(-0.5) * sq;  // log q_b
     }
   });
+  // The logsumexp over k with torch's vectorised exp ((B, K) work; the scalar libm exp was
+  // most of the forward). Terms under e^-75 (float) / e^-700 (double) of the largest are
+  // 0: below the sum's last bit, and never subnormals, whose arithmetic is slow (in the
+  // backward too). A row with every component at -inf gets log p = -inf (KL = +inf).
+  const Tensor mx = std::get<0>(lj.max(1, /*keepdim=*/true));
+  const Tensor shift = at::where(at::isfinite(mx), mx, at::zeros({}, mx.options()));
+  Tensor e = lj - shift;
+  e.masked_fill_(e < (sizeof(T) == 4 ? -75.0 : -700.0), -std::numeric_limits<double>::infinity());
+  e.exp_();
+  const Tensor total = e.sum(1, /*keepdim=*/true);
+  kl.sub_((shift + total.log()).squeeze(1));
+  if (r.defined()) at::div_out(r, e, total);  // r_bk = e_bk / sum_k e_bk
 }
 
 template <class T>

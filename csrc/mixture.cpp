@@ -73,68 +73,66 @@ enum MixSlot : int { kMz = 0, kMmu, kMlv, kMpmu, kMplv, kMlogits, kMixSlots };
 #endif
 #define VAE_FAST_INLINE inline __attribute__((always_inline))
 
-// sum_j (z_rj - m_j)^2 p_j for kRows rows of z (row stride Z)
+// Rows [b0, b1): lnb (their (b1 - b0, K) block) = ck_k - 0.5 sum_j (z_bj - m_kj)^2 p_kj, from
+// the prior transposed and zero-padded to Kp columns (pmT, precT: (Z, Kp), Kp a multiple of
+// kChunk). Vectorised over components: kRows rows times kChunk components of accumulators
+// stay in registers over the whole loop over j (no horizontal sums), and each prior vector
+// loaded serves four rows.
 template <class T>
-VAE_FAST_INLINE void quad_rows(const T* z, const T* m, const T* p, int64_t Z, T* out) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  const T *z0 = z, *z1 = z + Z, *z2 = z + 2 * Z, *z3 = z + 3 * Z;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t j = 0; j < Z; ++j) {
-    const T mj = m[j], pj = p[j];
-    const T u0 = z0[j] - mj, u1 = z1[j] - mj, u2 = z2[j] - mj, u3 = z3[j] - mj;
-    s0 += u0 * u0 * pj;
-    s1 += u1 * u1 * pj;
-    s2 += u2 * u2 * pj;
-    s3 += u3 * u3 * pj;
-  }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-}
+constexpr int64_t kChunk = 64 / sizeof(T);  // two 256-bit vectors (16 floats, 8 doubles)
 
 template <class T>
-VAE_FAST_INLINE T quad_row(const T* z, const T* m, const T* p, int64_t Z) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < Z; ++j) {
-    const T u = z[j] - m[j];
-    s += u * u * p[j];
-  }
-  return s;
-}
-
-// rows [b0, b1): lnb (their (b1 - b0, K) block) = log w_k + log N_bk
-template <class T>
-VAE_FAST_INLINE void log_joint_rows(const T* z, const T* pm, const T* prec, const T* ck, int64_t b0,
-                                    int64_t b1, int64_t K, int64_t Z, T* lnb) {
-  int64_t b = b0;
-  for (; b + kRows <= b1; b += kRows) {
-    T q[kRows];
-    for (int64_t k = 0; k < K; ++k) {
-      quad_rows(z + b * Z, pm + k * Z, prec + k * Z, Z, q);
-      for (int i = 0; i < kRows; ++i) lnb[(b - b0 + i) * K + k] = ck[k] - T(0.5) * q[i];
+VAE_FAST_INLINE void log_joint_rows(const T* z, const T* pmT, const T* precT, const T* ck,
+                                    int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z,
+                                    T* lnb) {
+  constexpr int64_t C = kChunk<T>;
+  for (int64_t b = b0; b < b1; b += kRows) {
+    const int64_t n = std::min<int64_t>(kRows, b1 - b);
+    // a short last block repeats its last row (computed, not written)
+    const T* zr[kRows];
+    for (int i = 0; i < kRows; ++i) zr[i] = z + (b + std::min<int64_t>(i, n - 1)) * Z;
+    for (int64_t k0 = 0; k0 < Kp; k0 += C) {
+      T a0[C] = {}, a1[C] = {}, a2[C] = {}, a3[C] = {};
+      for (int64_t j = 0; j < Z; ++j) {
+        const T* m = pmT + j * Kp + k0;
+        const T* p = precT + j * Kp + k0;
+        const T z0 = zr[0][j], z1 = zr[1][j], z2 = zr[2][j], z3 = zr[3][j];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T mc = m[c], pc = p[c];
+          const T u0 = z0 - mc, u1 = z1 - mc, u2 = z2 - mc, u3 = z3 - mc;
+          a0[c] += u0 * u0 * pc;
+          a1[c] += u1 * u1 * pc;
+          a2[c] += u2 * u2 * pc;
+          a3[c] += u3 * u3 * pc;
+        }
+      }
+      const T* acc[kRows] = {a0, a1, a2, a3};
+      const int64_t kn = std::min<int64_t>(C, K - k0);
+      for (int64_t i = 0; i < n; ++i) {
+        T* out = lnb + (b - b0 + i) * K + k0;
+        for (int64_t c = 0; c < kn; ++c) out[c] = ck[k0 + c] - T(0.5) * acc[i][c];
+      }
     }
   }
-  for (; b < b1; ++b) {
-    for (int64_t k = 0; k < K; ++k)
-      lnb[(b - b0) * K + k] = ck[k] - T(0.5) * quad_row(z + b * Z, pm + k * Z, prec + k * Z, Z);
-  }
 }
-VAE_FAST_CLONES void log_joint_rows_f(const float* z, const float* pm, const float* prec,
+VAE_FAST_CLONES void log_joint_rows_f(const float* z, const float* pmT, const float* precT,
                                       const float* ck, int64_t b0, int64_t b1, int64_t K,
-                                      int64_t Z, float* lnb) {
-  log_joint_rows(z, pm, prec, ck, b0, b1, K, Z, lnb);
+                                      int64_t Kp, int64_t Z, float* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
-VAE_FAST_CLONES void log_joint_rows_d(const double* z, const double* pm, const double* prec,
+VAE_FAST_CLONES void log_joint_rows_d(const double* z, const double* pmT, const double* precT,
                                       const double* ck, int64_t b0, int64_t b1, int64_t K,
-                                      int64_t Z, double* lnb) {
-  log_joint_rows(z, pm, prec, ck, b0, b1, K, Z, lnb);
+                                      int64_t Kp, int64_t Z, double* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
-void log_joint_rows_any(const float* z, const float* pm, const float* prec, const float* ck,
-                        int64_t b0, int64_t b1, int64_t K, int64_t Z, float* lnb) {
-  log_joint_rows_f(z, pm, prec, ck, b0, b1, K, Z, lnb);
+void log_joint_rows_any(const float* z, const float* pmT, const float* precT, const float* ck,
+                        int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
+  log_joint_rows_f(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
-void log_joint_rows_any(const double* z, const double* pm, const double* prec, const double* ck,
-                        int64_t b0, int64_t b1, int64_t K, int64_t Z, double* lnb) {
-  log_joint_rows_d(z, pm, prec, ck, b0, b1, K, Z, lnb);
+void log_joint_rows_any(const double* z, const double* pmT, const double* precT, const double* ck,
+                        int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
+  log_joint_rows_d(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
 
 // acc_r[j] += sum_k r_rk (z_rj - m_kj) p_kj for kRows rows (a block of all-zero
@@ -286,14 +284,19 @@ template <class T>
 void cpu_forward(const Prepared& P, Tensor& kl, Tensor& r) {
   const int64_t B = P.B, K = P.K, Z = P.Z;
   const T *z = P.z.const_data_ptr<T>(), *mu = P.mu.const_data_ptr<T>(),
-          *lv = P.lv.const_data_ptr<T>(), *pm = P.pm.const_data_ptr<T>(),
-          *prec = P.prec.const_data_ptr<T>(), *ck = P.ck.const_data_ptr<T>();
+          *lv = P.lv.const_data_ptr<T>(), *ck = P.ck.const_data_ptr<T>();
   T* out = kl.data_ptr<T>();
+  const int64_t Kp = (K + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
+  // the prior transposed, (Z, Kp); padding columns m = p = 0 add 0 and are never written
+  Tensor pmT = at::zeros({Z, Kp}, P.z.options()), precT = at::zeros({Z, Kp}, P.z.options());
+  pmT.narrow(1, 0, K).copy_(P.pm.t());
+  precT.narrow(1, 0, K).copy_(P.prec.t());
+  const T *pt = pmT.const_data_ptr<T>(), *qt = precT.const_data_ptr<T>();
   // log w_k + log N_bk, in r itself when r is kept
   Tensor lj = r.defined() ? r : at::empty({B, K}, P.z.options());
   T* lnb = lj.data_ptr<T>();
   at::parallel_for(0, B, row_grain(K, Z), [&](int64_t b0, int64_t b1) {
-    log_joint_rows_any(z, pm, prec, ck, b0, b1, K, Z, lnb + b0 * K);
+    log_joint_rows_any(z, pt, qt, ck, b0, b1, K, Kp, Z, lnb + b0 * K);
     for (int64_t b = b0; b < b1; ++b) {
       T sq = 0;
       for (int64_t j = 0; j < Z; ++j) {

@@ -134,13 +134,15 @@ def test_triton_split_over_2_31(monkeypatch, device, row_len, block, rows):
 
 
 def _kernel_sources():
-    from vae_fast import triton_kernels as tk
+    from vae_fast import triton_kernels as tk, triton_mixture as tm
 
     out = {}
-    for name, k in vars(tk).items():
-        fn = getattr(k, "fn", None)
-        if fn is not None and name.endswith("_kernel"):
-            out[name] = inspect.getsource(fn)
+    for mod in (tk, tm):
+        for name, k in vars(mod).items():
+            fn = getattr(k, "fn", None)
+            if fn is not None and name.endswith("_kernel"):
+                out[name] = inspect.getsource(fn)
+    assert set(tm.KERNELS) <= set(out)
     return out
 
 

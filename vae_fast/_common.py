@@ -371,6 +371,14 @@ def sampled_terms(nll_kb: torch.Tensor, kl_b: torch.Tensor, beta, reduction) -> 
     return ELBOTerms(nll + beta * kl, nll, kl)
 
 
+def sampled_mean_terms(nll: torch.Tensor, kl: torch.Tensor, beta) -> ELBOTerms:
+    """The Monte-Carlo ELBO with "batchmean" from its two means (over the K * B rows of the
+    NLL, over the B examples of the KL), in the wider of their dtypes."""
+    dt = torch.promote_types(nll.dtype, kl.dtype)
+    nll, kl = nll.to(dt), kl.to(dt)
+    return ELBOTerms(nll + beta * kl, nll, kl)
+
+
 def parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction):
     """The checks of iwae_loss (both paths); returns (recon_logvar, logvar) as checked."""
     check_reduction(reduction, ELBO_REDUCTIONS)

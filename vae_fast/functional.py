@@ -30,7 +30,7 @@ _NONE, _GAUSSIAN = int(Likelihood.NONE), int(Likelihood.GAUSSIAN)
 _BERNOULLI, _PROBS = int(Likelihood.BERNOULLI), int(Likelihood.BERNOULLI_PROBS)
 _ELBO, _BNLL, _GNLL, _GKL = int(Api.ELBO_LOSS), int(Api.BERNOULLI_NLL), int(Api.GAUSSIAN_NLL), int(Api.GAUSSIAN_KL)
 _BCE_LOGITS, _BCE, _SAMPLED = int(Api.BCE_WITH_LOGITS), int(Api.BCE), int(Api.SAMPLED_NLL)
-_PER_SAMPLE = int(Reduction.PER_SAMPLE)
+_PER_SAMPLE, _BATCHMEAN = int(Reduction.PER_SAMPLE), int(Reduction.BATCHMEAN)
 _DMOL, _DMOL_NLL = int(Likelihood.DMOL), int(Api.DMOL_NLL)
 
 
@@ -141,16 +141,18 @@ def _floored_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
     return op(mu, lv, pmu, plv, lv_c, pmu_c, plv_c, None, free_bits)
 
 
-def _sampled_nll(recon, target, rlv, kind: int, full: bool, backend: int):
+def _sampled_nll(recon, target, rlv, kind: int, full: bool, backend: int, red: int = _PER_SAMPLE):
     """(K, B) per-sample NLLs of recon (K, B, ...) against target (B, ...), checked, in one
     fused pass that reads the target for every sample without copying it (the op's
-    SAMPLED_NLL api)."""
+    SAMPLED_NLL api); with red BATCHMEAN, their mean over all K * B rows instead, a 0-d
+    tensor whose gradient the pass writes already scaled (its backward then moves no memory,
+    where a (K, B) result's per-row gradient costs one more pass over the pixels)."""
     rlv, rlv_c = _param("recon_logvar", rlv)
     if rlv is not None and rlv.dim() == recon.dim():
         rlv = rlv.flatten(0, 1)
     nll = _op(recon.flatten(0, 1), target, rlv, None, None, None, None, None, None, None, _SAMPLED,
-              kind, _PER_SAMPLE, full, rlv_c, 0.0, 0.0, 0.0, 1.0, backend)[0]
-    return nll.view(recon.shape[0], -1)
+              kind, red, full, rlv_c, 0.0, 0.0, 0.0, 1.0, backend)[0]
+    return nll.view(recon.shape[0], -1) if red == _PER_SAMPLE else nll
 
 
 def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, prior_mu,
@@ -166,9 +168,13 @@ def _sampled_elbo(recon, target, mu, logvar, likelihood, recon_logvar, full, pri
                                    recon_logvar=recon_logvar, full=full, prior_mu=prior_mu,
                                    prior_logvar=prior_logvar, beta=beta, capacity=capacity,
                                    free_bits=free_bits, reduction=reduction, return_terms=return_terms)
-    nll_kb = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend)
-    kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
-    out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
+    if reduction == "batchmean":  # mean_b mean_k nll_kb is the mean over all K * B rows
+        nll = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend, _BATCHMEAN)
+        out = C.sampled_mean_terms(nll, gaussian_kl(mu, logvar, prior_mu, prior_logvar), beta)
+    else:
+        nll_kb = _sampled_nll(recon, target, rlv, _KINDS[likelihood], full, backend)
+        kl_b = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction="none")
+        out = C.sampled_terms(nll_kb, kl_b, beta, reduction)
     out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
                          lambda: _floored_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
     return out if return_terms else out.loss

@@ -125,10 +125,10 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 def _floored_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
     """The KL term of free bits, `sum_j max(free_bits, mean_b KL_bj)` (the inputs already
     checked by the ELBO's own op call), in one op call, `vae_fast::free_bits_kl`
-    (csrc/free_bits.cpp): one pass over (B, D) that writes the gradients already masked by the
-    floor, and a hand-written backward that only scales them. The term is tiny, so what it
-    costs is host overhead per op: as a handful of torch ops it cost more than the fused
-    ELBO's own step at B=64, Z=128. Its value, dtype and gradients are the reference's."""
+    (csrc/free_bits.cpp): two loops over (B, D), the column sums and then the gradients already
+    masked by the floor, and a hand-written backward that only scales them. The term is tiny,
+    so what it costs is host overhead per op: as a handful of torch ops it cost more than half
+    the fused ELBO's own step at B=64, Z=128 (caches flushed). Its value, dtype and gradients are the reference's."""
     backend = _backend.code(mu)
     if backend is None:
         return reference.free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits)
@@ -262,8 +262,8 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
     capacity: C of the capacity objective (Burgess et al. 2018), `nll + beta * |kl - C|` on the
     KL as reduced; a number or a 0-d tensor (anneal it under torch.compile without recompiling).
     free_bits: lambda of free bits (Kingma et al. 2016): the KL term becomes
-    `sum_j max(lambda, mean_b KL_bj)` (times B with "sum"; "none" raises); that KL term is plain
-    torch on the (B, Z) values, the pixels stay fused.
+    `sum_j max(lambda, mean_b KL_bj)` (times B with "sum"; "none" raises); that KL term is one
+    more op call on the (B, Z) values (vae_fast::free_bits_kl), the pixels stay fused.
     reduction: "batchmean" (sum / batch size, the usual per-example ELBO), "sum", "none" (B,).
     return_terms=True returns ELBOTerms(loss, nll, kl), the KL unweighted (and unfloored).
     recon of shape (K, B, ...) against target (B, ...): the Monte-Carlo ELBO over K samples,

@@ -410,7 +410,7 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
     // one reciprocal for both quotients (rcp + Newton: a division's accuracy at a fraction of
     // its cost, which was about a tenth of the step); clamped so that |z| = inf still gives
     // r = (about) 0, not rcp(inf) = 0 turned into 0 * inf by the Newton step
-    const V r = M::rcp(at::vec::minimum(ome * a, V(std::numeric_limits<T>::max())));
+    const V r = M::rcp(min_keep_nan(ome * a, V(std::numeric_limits<T>::max())));
     const V direct = select(pos, omy * z, V(T(0)) - y * z) + M::log_pos(ome * ome * r);
     const V poly = z2 * at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
         z2, V(T(1.0 / 479001600.0)), V(T(-1.0 / 9676800.0))), V(T(1.0 / 181440.0))),
@@ -420,7 +420,7 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
       // e/(1-e) - 1/a = (e a - (1-e)) / ((1-e) a); e a with a capped at 1e30, where e is
       // (clamped) 0 anyway: an infinite logit then has the finite limit of its gradient,
       // 1 - y or -y, not e * inf
-      const V u = at::vec::fmsub(e, at::vec::minimum(a, V(T(1e30))), ome) * r;
+      const V u = at::vec::fmsub(e, min_keep_nan(a, V(T(1e30))), ome) * r;
       const V g_direct = select(pos, omy + u, V(T(0)) - u - y);
       const V g_series = at::vec::fmadd(z, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
           z2, at::vec::fmadd(z2, V(T(1.0 / 47900160.0)), V(T(-1.0 / 1209600.0))),

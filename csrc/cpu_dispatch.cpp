@@ -80,6 +80,19 @@ void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<doub
   }
 }
 
+void iwae_forward_kernel(const IwaeStream& is, bool acc_double) {
+  switch (isa()) {
+#if defined(VAE_FAST_X86_BUILDS)
+    case Isa::kAvx512:
+      return vae_fast_avx512::iwae_forward_kernel(is, acc_double);
+    case Isa::kAvx2:
+      return vae_fast_avx2::iwae_forward_kernel(is, acc_double);
+#endif
+    default:
+      return vae_fast_default::iwae_forward_kernel(is, acc_double);
+  }
+}
+
 void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec) {
   switch (isa()) {
 #if defined(VAE_FAST_X86_BUILDS)

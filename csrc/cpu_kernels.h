@@ -92,6 +92,21 @@ void fused_forward_kernel(const ReconStream& rs, const KLStream& ks, int red_mod
                           int64_t rows, bool acc_double, std::vector<double>& sums_r,
                           std::vector<double>& sums_k);
 
+// The importance-weighted bound's pass (vae_fast::iwae_fwd): rs over the rows k*B + b of K
+// samples of B examples, per row. For each example b: nll[k] = the unscaled sum of row k*B + b,
+// added in the chunk order of fused_forward_kernel's ROWS sums (the same bits), then
+// finish(b, nll, coef, ctx) gives each row's gradient coefficient (run.cpp: the importance
+// weights), and the gradients just written (rs.gx, rs.gs) are multiplied by it while they are
+// still in cache, instead of in one more pass over memory. Parallel over examples; finish is
+// called once per example, from any thread.
+struct IwaeStream {
+  const ReconStream* rs = nullptr;
+  int64_t samples = 0, batch = 0;
+  void (*finish)(int64_t b, const double* nll, double* coef, void* ctx) = nullptr;
+  void* ctx = nullptr;
+};
+void iwae_forward_kernel(const IwaeStream& is, bool acc_double);
+
 // buf[i] *= coef(i), where coef is a scalar (n_coef == 1), per row
 // (n_coef == rows, row of i = i / row_len), or per element (n_coef == n).
 // Coefficients equal to exactly 1 leave their range untouched.
@@ -122,6 +137,7 @@ const std::string& cpu_capability();
                             int64_t rows, bool acc_double, std::vector<double>& sums_r,      \
                             std::vector<double>& sums_k);                                    \
   void scale_kernel(void* buf, DType dtype, int64_t n, const ScaleSpec& spec);               \
+  void iwae_forward_kernel(const IwaeStream& is, bool acc_double);                           \
   void dmol_forward_kernel(const DmolStream& ds, bool acc_double, std::vector<double>& sums);  \
   }
 VAE_FAST_DECLARE_KERNELS(vae_fast_default)

@@ -5,10 +5,15 @@
 #include "dtypes.h"
 
 #include <ATen/ExpandUtils.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/neg.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
@@ -16,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace vae_fast {
 
@@ -215,9 +221,8 @@ void write_value(const Tensor& t, int64_t i, double v) {
   }
 }
 
-void run_cpu(const Plan& p, const Call& c, std::vector<Tensor>& out) {
-  const Geometry g = geometry(p, c);
-  Lowered L = lower(p, c, out);
+ReconStream recon_stream(const Plan& p, const Call& c, const Geometry& g, const Lowered& L,
+                         std::vector<Tensor>& out) {
   auto op = [&](int s, double value) {
     return operand(L.in[s], L.mode[s], g.inner[s], g.count[s], value);
   };
@@ -240,6 +245,16 @@ void run_cpu(const Plan& p, const Call& c, std::vector<Tensor>& out) {
     rs.gpw = output(L.grad[kPw]);
     if (p.red_mode == kPerElement) rs.elem_loss = output(out[0]);
   }
+  return rs;
+}
+
+void run_cpu(const Plan& p, const Call& c, std::vector<Tensor>& out) {
+  const Geometry g = geometry(p, c);
+  Lowered L = lower(p, c, out);
+  auto op = [&](int s, double value) {
+    return operand(L.in[s], L.mode[s], g.inner[s], g.count[s], value);
+  };
+  const ReconStream rs = recon_stream(p, c, g, L, out);
   KLStream ks;
   ks.present = p.kl;
   ks.scale = g.scale_k;
@@ -439,6 +454,44 @@ void run_dmol(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   }
 }
 
+// ---- the importance-weighted bound -----------------------------------------------------------
+
+struct IwaeCtx {
+  const double* lat = nullptr;  // (K, B)
+  int64_t samples = 0, batch = 0;
+  double gscale = 1.0;
+  double* per = nullptr;  // (B,)
+  double* w = nullptr;    // (K, B)
+};
+
+// Example b from its K rows' NLLs: log w_kb = lat_kb - nll_kb, per_b = -(logsumexp_k log w_kb
+// - log K), w_kb = exp(log w_kb - logsumexp) (torch.logsumexp's value and gradient: a max of
+// +-inf shifts by 0, a NaN propagates), coef_k = gscale * w_kb. One function, in this
+// translation unit, for both CPU drivers: the same bits whichever runs.
+void iwae_finish(int64_t b, const double* nll, double* coef, void* ctx) {
+  const IwaeCtx& x = *static_cast<const IwaeCtx*>(ctx);
+  const int64_t K = x.samples, B = x.batch;
+  double m = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) {
+    coef[k] = x.lat[k * B + b] - nll[k];
+    if (coef[k] > m || coef[k] != coef[k]) m = m != m ? m : coef[k];
+  }
+  const double shift = std::isinf(m) ? 0.0 : m;
+  double s = 0.0;
+  for (int64_t k = 0; k < K; ++k) s += std::exp(coef[k] - shift);
+  const double lse = std::log(s) + shift;
+  x.per[b] = -(lse - std::log(static_cast<double>(K)));
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = std::exp(coef[k] - lse);
+    x.w[k * B + b] = w;
+    coef[k] = x.gscale * w;
+  }
+}
+
+Tensor to_double_cpu(const Tensor& t) {
+  return t.scalar_type() == at::kDouble && t.is_contiguous() ? t : t.to(at::kDouble).contiguous();
+}
+
 // ---- backward: in-place scaling --------------------------------------------------------------
 
 // grad_output value r (0 when undefined): a 0-d tensor, or a (rows,) one of any stride
@@ -549,6 +602,78 @@ void run_forward(const Plan& p, const Call& c, std::vector<Tensor>& out) {
   TORCH_CHECK_NOT_IMPLEMENTED(main.is_cpu(), "vae_fast: the cpu backend cannot run on ",
                               main.device());
   run_cpu(p, c, out);
+}
+
+void run_iwae(const Plan& p, const Call& c, const Tensor& lat, double gscale,
+              std::vector<Tensor>& out, Tensor& per, Tensor& w) {
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t K = lat.size(0), B = lat.size(1), rows = K * B;
+  const int grad_slots[2] = {kX, kRlv};
+  if (c.backend == kTritonBackend) {
+    // the pass (per-row NLLs, unweighted gradients), then the weights and one scaling pass
+    run_triton(p, c, out);
+    const Tensor lw = lat - out[1].view({K, B});
+    const Tensor lse = at::logsumexp(lw, {0});
+    per.copy_(at::neg(lse).add_(std::log(static_cast<double>(K))));
+    w.copy_(at::exp(lw - lse));
+    for (int s : grad_slots) {
+      if (!c.need(s)) continue;
+      Tensor& buf = out[3 + s];
+      std::vector<int64_t> view(buf.dim(), 1);
+      view[0] = rows;
+      buf.mul_((w * gscale).view({rows}).view(view));
+    }
+    return;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(c[kX].is_cpu(), "vae_fast: the cpu backend cannot run on ",
+                              c[kX].device());
+  const Geometry g = geometry(p, c);
+  Lowered L = lower(p, c, out);
+  const ReconStream rs = recon_stream(p, c, g, L, out);
+  const Tensor lat_d = to_double_cpu(lat);
+  std::vector<double> per_v(static_cast<size_t>(B)), w_v(static_cast<size_t>(rows));
+  IwaeCtx ctx;
+  ctx.lat = lat_d.const_data_ptr<double>();
+  ctx.samples = K;
+  ctx.batch = B;
+  ctx.gscale = gscale;
+  ctx.per = per_v.data();
+  ctx.w = w_v.data();
+  const bool grads = rs.gx.data != nullptr || rs.gs.data != nullptr;
+  const bool acc_double = p.acc == at::kDouble;
+  if (grads && B >= at::get_num_threads()) {
+    // each example's rows scaled while in cache
+    IwaeStream is;
+    is.rs = &rs;
+    is.samples = K;
+    is.batch = B;
+    is.finish = iwae_finish;
+    is.ctx = &ctx;
+    iwae_forward_kernel(is, acc_double);
+  } else {
+    // too few examples to share among the threads by example (or no gradient): the pass
+    // over all rows, then the same weights and, with gradients, one scaling pass
+    std::vector<double> sums_r, sums_k, nll(static_cast<size_t>(K)), ck(static_cast<size_t>(K));
+    std::vector<double> coef(static_cast<size_t>(rows));
+    fused_forward_kernel(rs, KLStream(), kRows, rows, acc_double, sums_r, sums_k);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) nll[k] = sums_r[k * B + b];
+      iwae_finish(b, nll.data(), ck.data(), &ctx);
+      for (int64_t k = 0; k < K; ++k) coef[k * B + b] = ck[k];
+    }
+    ScaleSpec spec;
+    spec.coef = coef.data();
+    spec.n_coef = rows;
+    spec.row_len = g.row_len_r;
+    for (int s : grad_slots) {
+      const Tensor& buf = L.grad[s];
+      if (buf.defined()) scale_kernel(buf.data_ptr(), to_dtype(buf.scalar_type()), buf.numel(), spec);
+    }
+  }
+  sum_temporaries(L, out);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  per.copy_(at::from_blob(per_v.data(), {B}, opts));
+  w.copy_(at::from_blob(w_v.data(), {K, B}, opts));
 }
 
 void scale_in_place(const ScaleArgs& a, std::vector<Tensor>& bufs_r, std::vector<Tensor>& bufs_k,

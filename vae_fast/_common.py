@@ -399,17 +399,12 @@ def parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, red
     return rlv, logvar
 
 
-def iwae_terms(nll_kb: torch.Tensor, z, mu, logvar, reduction) -> torch.Tensor:
-    """IWAE (Burda et al. 2016): log w_kb = -nll_kb + log N(z_kb; 0, I) - log N(z_kb; mu_b,
-    e^logvar_b), loss_b = -(logsumexp_k log w_kb - log K). The latent terms are summed over Z
-    on (K, B, Z) values; their 0.5 log 2 pi cancel."""
-    dt = nll_kb.dtype
-    z, mu = z.to(dt), mu.to(dt)
-    lv = logvar.to(dt) if isinstance(logvar, torch.Tensor) else torch.tensor(logvar, dtype=dt, device=z.device)
-    latent = -0.5 * (z * z - lv - (z - mu) ** 2 * torch.exp(-lv)).sum(-1)
-    k = nll_kb.shape[0]
-    per = -(torch.logsumexp(latent - nll_kb, 0) - math.log(k))
-    return reduce_terms(per, reduction)
+def iwae_latent(z, mu, logvar, dtype) -> torch.Tensor:
+    """The latent terms of IWAE's log w_kb (Burda et al. 2016), log N(z_kb; 0, I) -
+    log N(z_kb; mu_b, e^logvar_b) summed over Z, (K, B) in `dtype`; their 0.5 log 2 pi cancel."""
+    z, mu = z.to(dtype), mu.to(dtype)
+    lv = logvar.to(dtype) if isinstance(logvar, torch.Tensor) else torch.tensor(logvar, dtype=dtype, device=z.device)
+    return -0.5 * (z * z - lv - (z - mu) ** 2 * torch.exp(-lv)).sum(-1)
 
 
 def check_full(full, likelihood) -> bool:

@@ -174,7 +174,8 @@ def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_log
     log w_kb = -nll(recon_kb, target_b) + log N(z_kb; 0, I) - log N(z_kb; mu_b, e^logvar_b)."""
     rlv, logvar = C.parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction)
     nll_kb = _sampled_nll(recon, target, rlv, likelihood, full)
-    return C.iwae_terms(nll_kb, z, mu, logvar, reduction)
+    lat = C.iwae_latent(z, mu, logvar, nll_kb.dtype)
+    return C.reduce_terms(-(torch.logsumexp(lat - nll_kb, 0) - math.log(nll_kb.shape[0])), reduction)
 
 
 def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar=None,

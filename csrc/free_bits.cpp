@@ -23,6 +23,7 @@
 // clamp_min's (the dimension keeps its gradient where mean >= lam); a tensor lam is
 // torch.maximum's (half to the dimension, half to lam at a tie; lam takes the gradient of
 // every dimension under it).
+#include "autograd_util.h"
 #include "plan.h"
 
 #include <ATen/Dispatch.h>
@@ -68,10 +69,7 @@ constexpr const char* kArgs =
     "Tensor mu, Tensor? lv, Tensor? pmu, Tensor? plv, float lv_c, float pmu_c, float plv_c, "
     "Tensor? lam_t, float lam";
 
-constexpr const char* kTwice =
-    "vae_fast: the free-bits KL's backward is hand-written and cannot be differentiated again "
-    "(a Hessian, a gradient penalty, create_graph=True followed by a second backward); use "
-    "vae_fast.reference for that";
+const std::string kTwice = twice_message("the free-bits KL's", "vae_fast.reference");
 
 const Tensor& get(const OptTensor& t) {
   static const Tensor none;
@@ -425,12 +423,7 @@ const c10::TypedOperatorHandle<Fwd(FB_ARGS, int64_t)>& fwd_op() {
 }
 
 void refuse_forward_ad(std::initializer_list<const Tensor*> inputs) {
-  for (const Tensor* t : inputs) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!t->defined() || !torch::autograd::isFwGradDefined(*t),
-                                "vae_fast: the free-bits KL has no forward-mode derivative "
-                                "(torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad); "
-                                "use vae_fast.reference for that");
-  }
+  vae_fast::refuse_forward_ad(inputs, "the free-bits KL has", "vae_fast.reference");
 }
 
 // free_bits_fwd is not differentiable (its outputs are gradients); reached with autograd on
@@ -444,9 +437,8 @@ Fwd free_bits_fwd_autograd(FB_ARGS, int64_t needs) {
     return fwd_op().call(FB_FORWARD, needs);
   }();
   if (track) {
-    auto err = c10::make_intrusive<torch::autograd::Error>(
-        kTwice, torch::autograd::collect_next_edges(mu, lv, pmu, plv, lam_t));
-    std::apply([&](auto&... t) { (torch::autograd::set_history(t, err), ...); }, out);
+    std::vector<Tensor> outs = std::apply([](auto&... t) { return std::vector<Tensor>{t...}; }, out);
+    raise_on_backward(outs, kTwice, torch::autograd::collect_next_edges(mu, lv, pmu, plv, lam_t));
   }
   return out;
 }
@@ -478,11 +470,7 @@ struct FreeBitsBackward : public torch::autograd::Node {
     if (at::GradMode::is_enabled()) {
       // create_graph=True (torch.func.grad always asks for it): the gradients are right, but a
       // second backward through them must raise, not treat the buffers as constants
-      auto err = c10::make_intrusive<torch::autograd::Error>(
-          kTwice, torch::autograd::edge_list(next_edges()));
-      for (Tensor& t : out) {
-        if (t.defined()) torch::autograd::set_history(t, err);
-      }
+      raise_on_backward(out, kTwice, torch::autograd::edge_list(next_edges()));
     }
     return out;
   }

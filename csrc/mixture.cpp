@@ -33,6 +33,8 @@
 //                    vae_fast/triton_mixture.py registers from Python (vae_fast/_ext.py).
 // CPU kernels: parallel over b for the forward and the z / mu / logvar gradients, over k for
 // the prior's (each sums over b in a fixed order: deterministic, no atomics).
+#include "autograd_util.h"
+#include "cpu_kernels.h"
 #include "enums.h"
 
 #include <ATen/ATen.h>
@@ -64,13 +66,25 @@ enum MixSlot : int { kMz = 0, kMmu, kMlv, kMpmu, kMplv, kMlogits, kMixSlots };
 
 // ---- CPU kernels ----------------------------------------------------------------------------
 // Written as plain loops with `omp simd` reductions (no -ffast-math needed to vectorise a
-// sum); the hot ones are compiled for x86-64-v4 / v3 / baseline and picked at load time
-// (target_clones), as the rest of the extension picks its instruction-set build.
-#if defined(VAE_FAST_X86_BUILDS) && defined(__GNUC__) && !defined(__clang__)
-#define VAE_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VAE_FAST_CLONES
+// sum); the hot ones are compiled three times, with the instruction sets of the main kernels'
+// builds (setup.py's ISA_FLAGS: AVX-512, AVX2, baseline), and picked at run time by
+// cpu_capability(), which honours $ATEN_CPU_CAPABILITY as the main kernels do (so a test can
+// force each build, and one process never mixes two builds' bits).
+#if defined(VAE_FAST_X86_BUILDS) && defined(__GNUC__)
+#define VAE_FAST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define VAE_FAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VAE_FAST_ISA_BUILDS 1
 #endif
+
+// 2: the AVX-512 build, 1: AVX2, 0: baseline (read once)
+int isa_level() {
+  static const int level = [] {
+    const std::string& c = cpu_capability();
+    return c == "avx512" ? 2 : c == "avx2" ? 1 : 0;
+  }();
+  return level;
+}
+
 #define VAE_FAST_INLINE inline __attribute__((always_inline))
 
 // Rows [b0, b1): lnb (their (b1 - b0, K) block) = ck_k - 0.5 sum_j (z_bj - m_kj)^2 p_kj, from
@@ -116,15 +130,41 @@ VAE_FAST_INLINE void log_joint_rows(const T* z, const T* pmT, const T* precT, co
     }
   }
 }
-VAE_FAST_CLONES void log_joint_rows_f(const float* z, const float* pmT, const float* precT,
-                                      const float* ck, int64_t b0, int64_t b1, int64_t K,
-                                      int64_t Kp, int64_t Z, float* lnb) {
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void log_joint_rows_f_avx512(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
   log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
-VAE_FAST_CLONES void log_joint_rows_d(const double* z, const double* pmT, const double* precT,
-                                      const double* ck, int64_t b0, int64_t b1, int64_t K,
-                                      int64_t Kp, int64_t Z, double* lnb) {
+VAE_FAST_AVX2 void log_joint_rows_f_avx2(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
   log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+#endif
+void log_joint_rows_f_default(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+void log_joint_rows_f(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return log_joint_rows_f_avx512(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+  if (isa_level() == 1) return log_joint_rows_f_avx2(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+#endif
+  log_joint_rows_f_default(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void log_joint_rows_d_avx512(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+VAE_FAST_AVX2 void log_joint_rows_d_avx2(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+#endif
+void log_joint_rows_d_default(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
+  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+}
+void log_joint_rows_d(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return log_joint_rows_d_avx512(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+  if (isa_level() == 1) return log_joint_rows_d_avx2(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
+#endif
+  log_joint_rows_d_default(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
 }
 void log_joint_rows_any(const float* z, const float* pmT, const float* precT, const float* ck,
                         int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
@@ -168,15 +208,41 @@ VAE_FAST_INLINE void resp_pull_rows(const T* z, const T* r, const T* pm, const T
     }
   }
 }
-VAE_FAST_CLONES void resp_pull_rows_f(const float* z, const float* r, const float* pm,
-                                      const float* prec, int64_t n, int64_t K, int64_t Z,
-                                      float* acc) {
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void resp_pull_rows_f_avx512(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
   resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
 }
-VAE_FAST_CLONES void resp_pull_rows_d(const double* z, const double* r, const double* pm,
-                                      const double* prec, int64_t n, int64_t K, int64_t Z,
-                                      double* acc) {
+VAE_FAST_AVX2 void resp_pull_rows_f_avx2(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
   resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
+}
+#endif
+void resp_pull_rows_f_default(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
+  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
+}
+void resp_pull_rows_f(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return resp_pull_rows_f_avx512(z, r, pm, prec, n, K, Z, acc);
+  if (isa_level() == 1) return resp_pull_rows_f_avx2(z, r, pm, prec, n, K, Z, acc);
+#endif
+  resp_pull_rows_f_default(z, r, pm, prec, n, K, Z, acc);
+}
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void resp_pull_rows_d_avx512(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
+  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
+}
+VAE_FAST_AVX2 void resp_pull_rows_d_avx2(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
+  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
+}
+#endif
+void resp_pull_rows_d_default(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
+  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
+}
+void resp_pull_rows_d(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return resp_pull_rows_d_avx512(z, r, pm, prec, n, K, Z, acc);
+  if (isa_level() == 1) return resp_pull_rows_d_avx2(z, r, pm, prec, n, K, Z, acc);
+#endif
+  resp_pull_rows_d_default(z, r, pm, prec, n, K, Z, acc);
 }
 void resp_pull_rows_any(const float* z, const float* r, const float* pm, const float* prec,
                         int64_t n, int64_t K, int64_t Z, float* acc) {
@@ -215,15 +281,41 @@ VAE_FAST_INLINE void component_sums(const T* z, const T* r, const T* gb, const T
     }
   }
 }
-VAE_FAST_CLONES void component_sums_f(const float* z, const float* r, const float* gb,
-                                      const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0,
-                                      int64_t n, float* su, float* sq, float* tot) {
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void component_sums_f_avx512(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
   component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
 }
-VAE_FAST_CLONES void component_sums_d(const double* z, const double* r, const double* gb,
-                                      const double* pm, int64_t B, int64_t K, int64_t Z,
-                                      int64_t k0, int64_t n, double* su, double* sq, double* tot) {
+VAE_FAST_AVX2 void component_sums_f_avx2(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
   component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+#endif
+void component_sums_f_default(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
+  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+void component_sums_f(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return component_sums_f_avx512(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+  if (isa_level() == 1) return component_sums_f_avx2(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+#endif
+  component_sums_f_default(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+#if defined(VAE_FAST_ISA_BUILDS)
+VAE_FAST_AVX512 void component_sums_d_avx512(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
+  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+VAE_FAST_AVX2 void component_sums_d_avx2(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
+  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+#endif
+void component_sums_d_default(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
+  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+}
+void component_sums_d(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
+#if defined(VAE_FAST_ISA_BUILDS)
+  if (isa_level() == 2) return component_sums_d_avx512(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+  if (isa_level() == 1) return component_sums_d_avx2(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
+#endif
+  component_sums_d_default(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
 }
 void component_sums_any(const float* z, const float* r, const float* gb, const float* pm,
                         int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su,
@@ -525,10 +617,8 @@ Grads bwd_meta(const Tensor& gb, const Tensor& z, const Tensor& mu, const Tensor
 
 // ---- vae_fast::mixture_kl: reduction and autograd ---------------------------------------------
 
-constexpr const char* kTwiceMix =
-    "vae_fast: mixture_prior_kl's backward is hand-written and cannot be differentiated again "
-    "(a Hessian, a gradient penalty, create_graph=True followed by a second backward); use "
-    "vae_fast.reference.mixture_prior_kl for that";
+const std::string kTwiceMix =
+    twice_message("mixture_prior_kl's", "vae_fast.reference.mixture_prior_kl");
 
 Tensor reduce(const Tensor& kl, int64_t reduction) {
   if (reduction == kPerSample) return kl;
@@ -608,10 +698,7 @@ struct MixtureKlBackward : public torch::autograd::Node {
     if (at::GradMode::is_enabled()) {
       // create_graph=True (torch.func.grad asks for it): the gradients are right, but a
       // second backward through them must raise, not see constants
-      auto err = c10::make_intrusive<torch::autograd::Error>(
-          kTwiceMix, torch::autograd::edge_list(next_edges()));
-      for (Tensor& v : out)
-        if (v.defined()) torch::autograd::set_history(v, err);
+      raise_on_backward(out, kTwiceMix, torch::autograd::edge_list(next_edges()));
     }
     return out;
   }
@@ -622,12 +709,8 @@ Tensor mixture_kl_autograd(const Tensor& z, const Tensor& mu, const Tensor& lv, 
                            int64_t backend) {
   const Tensor lg = logits.has_value() ? *logits : Tensor();
   const Tensor* ins[kMixSlots] = {&z, &mu, &lv, &pmu, &plv, &lg};
-  for (const Tensor* t : ins) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!t->defined() || !torch::autograd::isFwGradDefined(*t),
-                                "vae_fast: mixture_prior_kl has no forward-mode derivative "
-                                "(torch.func.jvp, jacfwd, hessian); use "
-                                "vae_fast.reference.mixture_prior_kl for that");
-  }
+  refuse_forward_ad({&z, &mu, &lv, &pmu, &plv, &lg}, "mixture_prior_kl has",
+                    "vae_fast.reference.mixture_prior_kl");
   bool any = false;
   std::array<bool, kMixSlots> need{};
   for (int s = 0; s < kMixSlots && at::GradMode::is_enabled(); ++s) {

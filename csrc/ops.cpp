@@ -14,6 +14,7 @@
 //
 // An eager call goes Python -> dispatcher -> C++ (checks, plan, allocation, kernel, autograd
 // node) with no Python autograd.Function on the way; docs/design.md explains the layout.
+#include "autograd_util.h"
 #include "cpu_kernels.h"
 #include "plan.h"
 #include "run.h"
@@ -55,10 +56,7 @@ constexpr const char* kSchemaArgs =
     "Tensor? pmu, Tensor? plv, Tensor? beta_t, int api, int kind, int reduction, bool full, "
     "float rlv_c, float lv_c, float pmu_c, float plv_c, float beta, int backend";
 
-constexpr const char* kTwice =
-    "vae_fast: the fused losses' backward is hand-written and cannot be differentiated again "
-    "(a Hessian, a gradient penalty, create_graph=True followed by a second backward); use "
-    "vae_fast.reference for that";
+const std::string kTwice = twice_message("the fused losses'", "vae_fast.reference");
 
 const Tensor& get(const OptTensor& t) {
   static const Tensor none;
@@ -121,10 +119,7 @@ Outs call_fused_fwd(VAE_FAST_ARGS, int64_t needs) {
 // a backward reaches it, instead of an autograd fallback that would give zeros.
 void refuse_forward_ad(std::initializer_list<const OptTensor*> inputs) {
   for (const OptTensor* t : inputs) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(*t),
-                                "vae_fast: the fused losses have no forward-mode derivative "
-                                "(torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad); "
-                                "use vae_fast.reference for that");
+    vae_fast::refuse_forward_ad({&get(*t)}, "the fused losses have", "vae_fast.reference");
   }
 }
 
@@ -137,26 +132,14 @@ Outs fused_fwd_autograd(VAE_FAST_ARGS, int64_t needs) {
     return call_fused_fwd(VAE_FAST_FORWARD, needs);
   }();
   if (track) {
-    auto err = c10::make_intrusive<torch::autograd::Error>(
-        kTwice, torch::autograd::collect_next_edges(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t));
-    std::apply([&](auto&... t) { (torch::autograd::set_history(t, err), ...); }, out);
+    std::vector<Tensor> outs = std::apply([](auto&... t) { return std::vector<Tensor>{t...}; }, out);
+    raise_on_backward(outs, kTwice,
+                      torch::autograd::collect_next_edges(x, y, rlv, w, pw, mu, lv, pmu, plv, beta_t));
   }
   return out;
 }
 
 // ---- vae_fast::fused_loss: autograd ------------------------------------------------------------
-
-bool plain(const Tensor& t) {
-  // a tensor the in-place backward may write through a raw pointer: no tensor subclass
-  // (fake, functional), no functorch wrapper, on a device with a kernel
-  if (!t.defined()) return true;
-  constexpr auto wrappers = c10::DispatchKeySet({c10::DispatchKey::Python,
-                                                 c10::DispatchKey::Functionalize,
-                                                 c10::DispatchKey::FuncTorchBatched,
-                                                 c10::DispatchKey::FuncTorchGradWrapper});
-  return !t.key_set().has_any(wrappers) && (t.is_cpu() || t.is_cuda()) &&
-         t.layout() == at::kStrided;
-}
 
 struct FusedLossBackward : public torch::autograd::Node {
   std::array<SavedVariable, kNumSlots> buf;  // the gradients the forward wrote
@@ -262,10 +245,7 @@ variable_list FusedLossBackward::apply(variable_list&& grads) {
   if (grad_mode) {
     // create_graph=True (torch.func.grad always asks for it): the gradients are right, but a
     // second backward through them must raise, not see constants
-    auto err = c10::make_intrusive<torch::autograd::Error>(kTwice, torch::autograd::edge_list(next_edges()));
-    for (Tensor& t : out) {
-      if (t.defined()) torch::autograd::set_history(t, err);
-    }
+    raise_on_backward(out, kTwice, torch::autograd::edge_list(next_edges()));
   }
   return out;
 }

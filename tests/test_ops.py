@@ -415,6 +415,20 @@ ISA_RUN = """
             out[key] = [t.loss.double().tolist(), x.grad.double().flatten()[::97].tolist(),
                         mu.grad.double().flatten().tolist(), lv.grad.double().flatten().tolist()]
             x.grad = mu.grad = lv.grad = None
+        # the mixture-prior KL (csrc/mixture.cpp: its own three builds) and IWAE (by-example driver)
+        z = normal(8, 50).to(dt).requires_grad_()
+        pm, plv = normal(30, 50).to(dt).requires_grad_(), normal(30, 50, scale=0.3).to(dt).requires_grad_()
+        kl = vae_fast.mixture_prior_kl(z, mu, lv, pm, plv, reduction="none")
+        (kl * torch.arange(1.0, 9.0)).sum().backward()
+        out[f"mixture-{dt}"] = [kl.double().tolist(), z.grad.double().flatten()[::7].tolist(),
+                                pm.grad.double().flatten()[::7].tolist()]
+        xk = normal(3, 8, 3, 37, 41, scale=4).to(dt).requires_grad_()
+        zk = normal(3, 8, 50).to(dt).requires_grad_()
+        iw = vae_fast.iwae_loss(xk, y, zk, mu, lv, reduction="none")
+        (iw * torch.arange(1.0, 9.0)).sum().backward()
+        out[f"iwae-{dt}"] = [iw.double().tolist(), xk.grad.double().flatten()[::97].tolist(),
+                             zk.grad.double().flatten().tolist()]
+        x.grad = mu.grad = lv.grad = None
     print(json.dumps(out))
 """
 

@@ -285,17 +285,47 @@ C10_ALWAYS_INLINE void prefetch_ahead(const ReconTile<T>& t, int64_t i) {
   }
 }
 
-// Loss of one vector of elements (unscaled); writes the requested gradients,
-// already multiplied by `scale`.
 // Where the continuous Bernoulli switches from its closed forms to its series (recon_vec).
-// The bound balances their errors: for float, at |z| = 1 the closed forms lose under one bit
-// and the series' first omitted term (5.3e-10 z^11 in the gradient) is 5e-10; for double,
-// at 0.3 both are about 1e-15.
+// The bound balances their errors: for float, at |z| = 1 the closed forms lose under one bit;
+// for double, at 0.3 they and the series (first omitted term about 1e-15) are both about 1e-15.
 template <typename T>
 constexpr double cb_series_bound() {
   return std::is_same_v<T, double> ? 0.3 : 1.0;
 }
 
+// The continuous Bernoulli's series below cb_series_bound, in w = z^2, a = |z|:
+//   P(w) = (log((1 - e)/a) + a/2) / w = log(sinh(a/2) / (a/2)) / w = 1/24 - w/2880 + ...
+//   S(w) = (e/(1-e) - 1/a + 1/2) / a = (coth(a/2)/2 - 1/a) / a     = 1/12 - w/720 + ...
+// float: minimax fits on |z| <= 1 with 3 terms each (w P within 1.7e-9, a S within 1.3e-8 once
+// the coefficients are rounded to float; Taylor needs 5 terms for the same); double: Taylor,
+// 5 terms, truncated below double's rounding at |z| <= 0.3.
+template <typename T>
+struct CbSeries;
+template <>
+struct CbSeries<float> {
+  static constexpr float c[2][3] = {
+      {4.166664928e-02f, -3.471114323e-04f, 5.318435797e-06f},
+      {8.333324641e-02f, -1.388197299e-03f, 3.166888928e-05f}};
+  template <int K>
+  C10_ALWAYS_INLINE static Vf eval(Vf w) {
+    return at::vec::fmadd(at::vec::fmadd(Vf(c[K][2]), w, Vf(c[K][1])), w, Vf(c[K][0]));
+  }
+};
+template <>
+struct CbSeries<double> {
+  static constexpr double c[2][5] = {
+      {1.0 / 24.0, -1.0 / 2880.0, 1.0 / 181440.0, -1.0 / 9676800.0, 1.0 / 479001600.0},
+      {1.0 / 12.0, -1.0 / 720.0, 1.0 / 30240.0, -1.0 / 1209600.0, 1.0 / 47900160.0}};
+  template <int K>
+  C10_ALWAYS_INLINE static Vd eval(Vd w) {
+    Vd p(c[K][4]);
+    for (int k = 3; k >= 0; --k) p = at::vec::fmadd(p, w, Vd(c[K][k]));
+    return p;
+  }
+};
+
+// Loss of one vector of elements (unscaled); writes the requested gradients,
+// already multiplied by `scale`.
 template <typename T, int KIND, bool HAS_W, bool HAS_PW, bool TAIL>
 C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt) {
   using V = Vec<T>;
@@ -392,40 +422,40 @@ C10_ALWAYS_INLINE Vec<T> recon_vec(const ReconTile<T>& t, int64_t i, int64_t cnt
       return lu;
     }
   } else if constexpr (KIND == kContinuousBernoulli) {
-    // BCE-with-logits(z, y) - log C(z), log C(z) = log(z / tanh(z/2)), with a = |z| and
-    // e = exp(-a) (Loaiza-Ganem & Cunningham 2019):
-    //   loss  = [(1-y) z (z >= 0) or -y z (z < 0)] + log((1 - e) / a)
-    //   d/dz  = [(1-y) + u (z >= 0) or -u - y (z < 0)],  u = e / (1 - e) - 1/a in (-1/2, 0)
-    // Below cb_series_bound both cancel (1 - e, and e/(1-e) against 1/a), so there the Taylor
-    // series in z take over, truncated where their next term is under T's rounding.
+    // BCE-with-logits(z, y) - log C(z), log C(z) = log(z / tanh(z/2)), with a = |z|,
+    // e = exp(-a) and c = 1 - y (z >= 0) or -y (z < 0) (Loaiza-Ganem & Cunningham 2019):
+    //   loss  = c z + q,  q = log((1 - e) / a)
+    //   d/dz  = c + u (z >= 0) or c - u (z < 0),  u = e / (1 - e) - 1/a in (-1/2, 0)
+    // Below cb_series_bound both closed forms cancel (1 - e, and e/(1-e) against 1/a), so there
+    // the series in w = z^2 take over: q = a (a P(w) - 1/2), u = a S(w) - 1/2 (CbSeries).
+    // Written so that the two branches share everything but their last steps: per lane both
+    // are evaluated (random logits mix them inside every vector), so every instruction counts.
     const V& z = x;
     const V a = z.abs();
-    const V e = M::exp_neg_abs(z);
+    // a capped at the largest float: e a and (1-e) a stay finite at |z| = inf (e is clamped
+    // at 2e-37, so e a <= 68), giving r = about 0 and the finite limits 1 - y and -y of the
+    // gradient (off by at most that clamp's 2e-37) instead of 0 * inf, one min for both products
+    const V ac = min_keep_nan(a, V(std::numeric_limits<T>::max()));
+    const V e = M::exp_neg(a);
     const V ome = one - e;
     const V half(T(0.5));
-    const V z2 = z * z;
+    const V w = z * z;
     const auto pos = ge(z, zero);
     const auto series = lt(a, V(cb_series_bound<T>()));
-    const V omy = one - y;
+    const V c = select(pos, one, zero) - y;
     // one reciprocal for both quotients (rcp + Newton: a division's accuracy at a fraction of
-    // its cost, which was about a tenth of the step); clamped so that |z| = inf still gives
-    // r = (about) 0, not rcp(inf) = 0 turned into 0 * inf by the Newton step
-    const V r = M::rcp(min_keep_nan(ome * a, V(std::numeric_limits<T>::max())));
-    const V direct = select(pos, omy * z, V(T(0)) - y * z) + M::log_pos(ome * ome * r);
-    const V poly = z2 * at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
-        z2, V(T(1.0 / 479001600.0)), V(T(-1.0 / 9676800.0))), V(T(1.0 / 181440.0))),
-        V(T(-1.0 / 2880.0))), V(T(1.0 / 24.0)));
-    const V lu = select(series, at::vec::fmadd(z, half - y, poly), direct);
+    // its cost, which was about a tenth of the step)
+    const V r = M::rcp(ome * ac);
+    // the closed form's q is wanted to absolute accuracy only: there |z| >= 1, and the loss, a
+    // sum of terms of about that size (c z and q), is accurate relative to them anyway
+    const V q = select(series, a * at::vec::fmsub(a, CbSeries<T>::template eval<0>(w), half),
+                       M::log_abs((ome * ome) * r));
+    const V lu = at::vec::fmadd(c, z, q);
     if (t.gx != nullptr) {
-      // e/(1-e) - 1/a = (e a - (1-e)) / ((1-e) a); e a with a capped at 1e30, where e is
-      // (clamped) 0 anyway: an infinite logit then has the finite limit of its gradient,
-      // 1 - y or -y, not e * inf
-      const V u = at::vec::fmsub(e, min_keep_nan(a, V(T(1e30))), ome) * r;
-      const V g_direct = select(pos, omy + u, V(T(0)) - u - y);
-      const V g_series = at::vec::fmadd(z, at::vec::fmadd(z2, at::vec::fmadd(z2, at::vec::fmadd(
-          z2, at::vec::fmadd(z2, V(T(1.0 / 47900160.0)), V(T(-1.0 / 1209600.0))),
-          V(T(1.0 / 30240.0))), V(T(-1.0 / 720.0))), V(T(1.0 / 12.0))), half - y);
-      st<TAIL>(select(series, g_series, g_direct) * scale, t.gx, i, cnt);
+      // e/(1-e) - 1/a = (e a - (1-e)) / ((1-e) a)
+      const V u = select(series, at::vec::fmsub(a, CbSeries<T>::template eval<1>(w), half),
+                         at::vec::fmsub(e, ac, ome) * r);
+      st<TAIL>(select(pos, c + u, c - u) * scale, t.gx, i, cnt);
     }
     if (t.gy != nullptr) st<TAIL>((V(T(0)) - z) * scale, t.gy, i, cnt);
     return lu;

@@ -85,6 +85,24 @@ int isa_level() {
   return level;
 }
 
+// name##_avx512, name##_avx2, name##_default: impl compiled for each build; name: the one
+// isa_level() picks. params and args in parentheses.
+#if defined(VAE_FAST_ISA_BUILDS)
+#define VAE_FAST_ISA_VERSIONS(name, impl, params, args)                  \
+  VAE_FAST_AVX512 void name##_avx512 params { impl args; }               \
+  VAE_FAST_AVX2 void name##_avx2 params { impl args; }                   \
+  void name##_default params { impl args; }                              \
+  void name params {                                                     \
+    if (isa_level() == 2) return name##_avx512 args;                     \
+    if (isa_level() == 1) return name##_avx2 args;                       \
+    name##_default args;                                                 \
+  }
+#else
+#define VAE_FAST_ISA_VERSIONS(name, impl, params, args) \
+  void name params { impl args; }
+#endif
+
+
 #define VAE_FAST_INLINE inline __attribute__((always_inline))
 
 // Rows [b0, b1): lnb (their (b1 - b0, K) block) = ck_k - 0.5 sum_j (z_bj - m_kj)^2 p_kj, from
@@ -130,42 +148,10 @@ VAE_FAST_INLINE void log_joint_rows(const T* z, const T* pmT, const T* precT, co
     }
   }
 }
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void log_joint_rows_f_avx512(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-VAE_FAST_AVX2 void log_joint_rows_f_avx2(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-#endif
-void log_joint_rows_f_default(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-void log_joint_rows_f(const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return log_joint_rows_f_avx512(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-  if (isa_level() == 1) return log_joint_rows_f_avx2(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-#endif
-  log_joint_rows_f_default(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void log_joint_rows_d_avx512(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-VAE_FAST_AVX2 void log_joint_rows_d_avx2(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-#endif
-void log_joint_rows_d_default(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
-  log_joint_rows(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
-void log_joint_rows_d(const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return log_joint_rows_d_avx512(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-  if (isa_level() == 1) return log_joint_rows_d_avx2(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-#endif
-  log_joint_rows_d_default(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
-}
+VAE_FAST_ISA_VERSIONS(log_joint_rows_f, log_joint_rows, (const float* z, const float* pmT, const float* precT, const float* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb),
+                      (z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb))
+VAE_FAST_ISA_VERSIONS(log_joint_rows_d, log_joint_rows, (const double* z, const double* pmT, const double* precT, const double* ck, int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, double* lnb),
+                      (z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb))
 void log_joint_rows_any(const float* z, const float* pmT, const float* precT, const float* ck,
                         int64_t b0, int64_t b1, int64_t K, int64_t Kp, int64_t Z, float* lnb) {
   log_joint_rows_f(z, pmT, precT, ck, b0, b1, K, Kp, Z, lnb);
@@ -208,42 +194,10 @@ VAE_FAST_INLINE void resp_pull_rows(const T* z, const T* r, const T* pm, const T
     }
   }
 }
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void resp_pull_rows_f_avx512(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-VAE_FAST_AVX2 void resp_pull_rows_f_avx2(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-#endif
-void resp_pull_rows_f_default(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-void resp_pull_rows_f(const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return resp_pull_rows_f_avx512(z, r, pm, prec, n, K, Z, acc);
-  if (isa_level() == 1) return resp_pull_rows_f_avx2(z, r, pm, prec, n, K, Z, acc);
-#endif
-  resp_pull_rows_f_default(z, r, pm, prec, n, K, Z, acc);
-}
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void resp_pull_rows_d_avx512(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-VAE_FAST_AVX2 void resp_pull_rows_d_avx2(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-#endif
-void resp_pull_rows_d_default(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
-  resp_pull_rows(z, r, pm, prec, n, K, Z, acc);
-}
-void resp_pull_rows_d(const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return resp_pull_rows_d_avx512(z, r, pm, prec, n, K, Z, acc);
-  if (isa_level() == 1) return resp_pull_rows_d_avx2(z, r, pm, prec, n, K, Z, acc);
-#endif
-  resp_pull_rows_d_default(z, r, pm, prec, n, K, Z, acc);
-}
+VAE_FAST_ISA_VERSIONS(resp_pull_rows_f, resp_pull_rows, (const float* z, const float* r, const float* pm, const float* prec, int64_t n, int64_t K, int64_t Z, float* acc),
+                      (z, r, pm, prec, n, K, Z, acc))
+VAE_FAST_ISA_VERSIONS(resp_pull_rows_d, resp_pull_rows, (const double* z, const double* r, const double* pm, const double* prec, int64_t n, int64_t K, int64_t Z, double* acc),
+                      (z, r, pm, prec, n, K, Z, acc))
 void resp_pull_rows_any(const float* z, const float* r, const float* pm, const float* prec,
                         int64_t n, int64_t K, int64_t Z, float* acc) {
   resp_pull_rows_f(z, r, pm, prec, n, K, Z, acc);
@@ -281,42 +235,10 @@ VAE_FAST_INLINE void component_sums(const T* z, const T* r, const T* gb, const T
     }
   }
 }
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void component_sums_f_avx512(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-VAE_FAST_AVX2 void component_sums_f_avx2(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-#endif
-void component_sums_f_default(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-void component_sums_f(const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return component_sums_f_avx512(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-  if (isa_level() == 1) return component_sums_f_avx2(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-#endif
-  component_sums_f_default(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-#if defined(VAE_FAST_ISA_BUILDS)
-VAE_FAST_AVX512 void component_sums_d_avx512(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-VAE_FAST_AVX2 void component_sums_d_avx2(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-#endif
-void component_sums_d_default(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
-  component_sums(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
-void component_sums_d(const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot) {
-#if defined(VAE_FAST_ISA_BUILDS)
-  if (isa_level() == 2) return component_sums_d_avx512(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-  if (isa_level() == 1) return component_sums_d_avx2(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-#endif
-  component_sums_d_default(z, r, gb, pm, B, K, Z, k0, n, su, sq, tot);
-}
+VAE_FAST_ISA_VERSIONS(component_sums_f, component_sums, (const float* z, const float* r, const float* gb, const float* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su, float* sq, float* tot),
+                      (z, r, gb, pm, B, K, Z, k0, n, su, sq, tot))
+VAE_FAST_ISA_VERSIONS(component_sums_d, component_sums, (const double* z, const double* r, const double* gb, const double* pm, int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, double* su, double* sq, double* tot),
+                      (z, r, gb, pm, B, K, Z, k0, n, su, sq, tot))
 void component_sums_any(const float* z, const float* r, const float* gb, const float* pm,
                         int64_t B, int64_t K, int64_t Z, int64_t k0, int64_t n, float* su,
                         float* sq, float* tot) {

@@ -517,7 +517,7 @@ def test_sigma_vae_optimal_matches_eager(backend, reduction, dtype, full):
         assert (gx_frozen - want_grads[0]).abs().max() > 100 * tol["atol"]
 
 
-@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
 def test_sigma_vae_optimal_gradcheck(backend, reduction):
     x, y, mu, lv, _ = _inputs(torch.float64, shape=(2, 2, 2, 2), z=3)
     args = [t.requires_grad_() for t in (x, y, mu, lv)]

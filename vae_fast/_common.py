@@ -306,6 +306,19 @@ def optimal_gaussian_terms(per: ELBOTerms, pixels: int, full: bool, beta, reduct
     return ELBOTerms(nll + beta * kl, nll, kl)
 
 
+def optimal_gaussian_reduced(red: ELBOTerms, pixels: int, batch: int, full: bool, beta,
+                             reduction) -> ELBOTerms:
+    """optimal_gaussian_terms for "sum" and "batchmean", from the reduced terms of the
+    unit-variance Gaussian ELBO without its constant (red.nll = 0.5 * sum_b S_b, or that / B):
+    the summed NLL is (N/2)(log sigma*^2 + 1 [+ log 2 pi]), N = B * pixels, a function of
+    sum_b S_b alone, so autograd through these few scalar ops is exact for any grad_output, and
+    the fused op's gradient needs one scale, not one per example."""
+    per_example = pixels if reduction == "batchmean" else batch * pixels  # N / B or N
+    var = (2.0 * red.nll) / per_example
+    nll = (0.5 * per_example) * (torch.log(var) + (2.8378770664093453 if full else 1.0))
+    return ELBOTerms(nll + beta * red.kl, nll, red.kl)  # 1 + log(2 pi) above when full
+
+
 def sample_count(recon, target):
     """K when `recon` carries a leading sample dimension over `target`, (K, B, ...) against
     (B, ...): the Monte-Carlo ELBO and IWAE. None otherwise (the plain call checks the rest)."""

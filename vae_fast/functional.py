@@ -288,10 +288,15 @@ def elbo_loss(recon, target, mu, logvar, *, likelihood="bernoulli", recon_logvar
         C.check_full(full, likelihood)
         C.check_reduction(reduction, C.ELBO_REDUCTIONS)
         capacity, free_bits = C.check_kl_options(capacity, free_bits, reduction)
+        # reduced: the fused op reduces, a few scalar ops follow; "none" (or an empty batch)
+        # needs the per-example terms
+        per_example = reduction == "none" or recon.shape[0] == 0
         per = elbo_loss(recon, target, mu, logvar, likelihood="gaussian", full=False,
-                        prior_mu=prior_mu, prior_logvar=prior_logvar, beta=beta, reduction="none",
-                        return_terms=True)
-        out = C.optimal_gaussian_terms(per, recon[0].numel(), full, beta, reduction)
+                        prior_mu=prior_mu, prior_logvar=prior_logvar, beta=beta,
+                        reduction="none" if per_example else reduction, return_terms=True)
+        pixels = recon[0].numel()
+        out = (C.optimal_gaussian_terms(per, pixels, full, beta, reduction) if per_example else
+               C.optimal_gaussian_reduced(per, pixels, recon.shape[0], full, beta, reduction))
         out = C.kl_objective(out, beta, capacity, free_bits, reduction, mu.shape[0],
                              lambda: _floored_kl(mu, logvar, prior_mu, prior_logvar, free_bits))
         return out if return_terms else out.loss

@@ -15,6 +15,7 @@ never asserted.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import statistics
 
@@ -25,7 +26,7 @@ import vae_fast
 from vae_fast import _backend
 
 from .cases import CASES
-from .measure import Device, default_threads, time_interleaved
+from .measure import Device, cpu_model, default_threads, time_interleaved
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -229,9 +230,15 @@ def main(args, argv=None) -> int:
     torch.set_num_threads(threads)
     device = args.device or "cpu"
     quick = dict(min_reps=3, target_s=0.2) if args.quick else dict(min_reps=5, target_s=1.0)
+    if args.reps:  # exactly this many rounds (more than the default 30 on a noisy machine)
+        quick = dict(min_reps=args.reps, max_reps=args.reps, target_s=0.0)
     rows = run(device, sizes=("celeba64",) if args.quick else ("celeba64", "img256"), **quick)
     versus = run_versus(device, **quick)
-    text = "\n".join(markdown(rows) + [""] + markdown_versus(versus))
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
+    header = (f"{name}, {threads} threads, torch {torch.__version__}, backend "
+              f"{_backend.resolve(torch.device(device))}, {datetime.date.today()}; fwd+bwd, median of "
+              f"{args.reps or 'up to 30'} interleaved rounds, caches flushed before each step")
+    text = "\n".join([header, ""] + markdown(rows) + [""] + markdown_versus(versus))
     print()
     print(text)
     if args.out:

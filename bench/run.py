@@ -82,7 +82,7 @@ def parse_args(argv=None):
                         "continuous_bernoulli, full=False, optimal) against the plain fused ELBO at "
                         "the same size, and the K=5 Monte-Carlo ELBO, IWAE and mixture_prior_kl "
                         "against their eager formulas (bench/objectives.py); honours --device, "
-                        "--threads, --quick, --out")
+                        "--threads, --quick, --out and --reps (rounds, default up to 30)")
     args = p.parse_args(argv)
     if args.quick:  # quick narrows only what was not chosen explicitly
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))

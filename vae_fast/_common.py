@@ -313,9 +313,9 @@ def optimal_gaussian_reduced(red: ELBOTerms, pixels: int, batch: int, full: bool
     the summed NLL is (N/2)(log sigma*^2 + 1 [+ log 2 pi]), N = B * pixels, a function of
     sum_b S_b alone, so autograd through these few scalar ops is exact for any grad_output, and
     the fused op's gradient needs one scale, not one per example."""
-    per_example = pixels if reduction == "batchmean" else batch * pixels  # N / B or N
-    var = (2.0 * red.nll) / per_example
-    nll = (0.5 * per_example) * (torch.log(var) + (2.8378770664093453 if full else 1.0))
+    count = pixels if reduction == "batchmean" else batch * pixels  # elements per value: N / B or N
+    var = (2.0 * red.nll) / count
+    nll = (0.5 * count) * (torch.log(var) + (2.8378770664093453 if full else 1.0))
     return ELBOTerms(nll + beta * red.kl, nll, red.kl)  # 1 + log(2 pi) above when full
 
 

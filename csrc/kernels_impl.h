@@ -164,15 +164,28 @@ class InStage {
     direct_ = op.mode == ReadMode::Full && op.dtype == dtype_of<T>();
     constant_ = op.mode == ReadMode::Const ||
                 (op.mode == ReadMode::Periodic && op.count == 1);
+    // a run repeated element by element (the target of K samples, read for each): a tile
+    // that does not wrap is read in place, as a full stream is
+    repeat_ = !constant_ && op.mode == ReadMode::Periodic && op.inner == 1 &&
+              op.dtype == dtype_of<T>();
     if (constant_) {
       T v = op.mode == ReadMode::Const ? static_cast<T>(op.value)
                                        : read_scalar<T>(op.data, op.dtype, 0);
       std::fill(buf_, buf_ + kTile, v);
     }
   }
+  // Where to prefetch ahead of a tile that get() returned in place from a repeated run (the
+  // next tiles follow it in memory until the run wraps), else nullptr.
+  const char* repeat_source(const T* p) const {
+    return repeat_ && p != buf_ ? reinterpret_cast<const char*>(p) : nullptr;
+  }
   const T* get(int64_t off, int64_t n) const {
     if (constant_) return buf_;
     if (direct_) return static_cast<const T*>(op_->data) + off;
+    if (repeat_) {
+      const int64_t c = off % op_->count;
+      if (c + n <= op_->count) return static_cast<const T*>(op_->data) + c;
+    }
     if (op_->mode == ReadMode::Full) {
       convert_in(op_->data, op_->dtype, off, n, buf_);
     } else {
@@ -211,6 +224,7 @@ class InStage {
   T* buf_ = nullptr;
   bool direct_ = false;
   bool constant_ = false;
+  bool repeat_ = false;
 };
 
 // One full-size output of a stream.
@@ -587,6 +601,7 @@ class ReconChunkRunner {
       for (int k = 0; k < 3; ++k) {
         t.pf[k] = pf_base_[k] != nullptr ? pf_base_[k] + off * pf_size_[k] : nullptr;
       }
+      if (t.pf[1] == nullptr) t.pf[1] = y_.repeat_source(t.y);
       sum += fn_(t, n);
       gx_.commit(off, n);
       gy_.commit(off, n);

@@ -716,6 +716,32 @@ def test_sampled_target_is_read_in_place():
     assert ints[0] == k * b  # one row per (sample, example)
 
 
+@pytest.mark.parametrize("reduction", ("sum", "none"))
+@pytest.mark.parametrize("likelihood", ("bernoulli", "gaussian"))
+def test_sampled_target_longer_than_a_tile(reduction, likelihood):
+    """C++ path: a target of B*n = 3003 elements, more than a 512-element tile and not a
+    multiple of it, so tiles are read from the target in place and some wrap around its end
+    (csrc/kernels_impl.h, InStage::get): float32 against the float64 formulas."""
+    require_backend("cpu")
+    recon, target, z, mu, lv, rlv = _sampled_inputs(likelihood, torch.float32, k=3, shape=(3, 7, 11, 13))
+    rlv = None if rlv is None else rlv[:, :1]
+    leaves = [t.requires_grad_() for t in (recon, z, mu, lv)]
+    w = torch.rand(3) + 0.5 if reduction == "none" else torch.tensor(1.5)
+    with vae_fast.use_backend("cpu"):
+        mc = vae_fast.elbo_loss(recon, target, mu, lv, likelihood=likelihood, recon_logvar=rlv, reduction=reduction)
+        iw = vae_fast.iwae_loss(recon, target, z, mu, lv, likelihood=likelihood, recon_logvar=rlv, reduction=reduction)
+    grads = torch.autograd.grad(((mc + iw) * w).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    r_rlv = None if rlv is None else rlv.double()
+    want_mc = eager_mc_elbo(likelihood, ref[0], target.double(), ref[2], ref[3], r_rlv, beta=1.0, reduction=reduction)
+    want_iw = eager_iwae(likelihood, ref[0], target.double(), *ref[1:], r_rlv, reduction=reduction)
+    want_grads = torch.autograd.grad(((want_mc + want_iw) * w.double()).sum(), ref)
+    torch.testing.assert_close(mc, want_mc.float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(iw, want_iw.float(), rtol=1e-5, atol=1e-3)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fn", (vae_fast, R), ids=("fused", "reference"))
 def test_sampled_bad_arguments_raise(fn):
     recon, target, z, mu, lv = torch.randn(4, 3, 5), torch.rand(3, 5), torch.randn(4, 3, 2), torch.randn(3, 2), torch.randn(3, 2)

@@ -12,10 +12,28 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <initializer_list>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace vae_fast {
+
+// Autograd nodes are held in c10::intrusive_ptr from torch 2.13 and in std::shared_ptr before
+// it: node_ptr<T> and make_node<T>(...) are whichever this torch's Edge holds, so that the
+// extension builds against both (a GPU machine's torch may be older than this project's pin).
+inline constexpr bool kSharedNodes =
+    std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>;
+template <class T>
+using node_ptr = std::conditional_t<kSharedNodes, std::shared_ptr<T>, c10::intrusive_ptr<T>>;
+template <class T, class... Args>
+node_ptr<T> make_node(Args&&... args) {
+  if constexpr (kSharedNodes) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
 
 // NotImplementedError if any input carries a forward-mode tangent: "vae_fast: <what> has no
 // forward-mode derivative (...); use <instead> for that".
@@ -40,7 +58,7 @@ inline std::string twice_message(const char* whose, const char* instead) {
 // backward reaches it; its edges are `edges` (so that the graph still connects to the inputs).
 template <typename Tensors>
 void raise_on_backward(Tensors& ts, const std::string& message, torch::autograd::edge_list edges) {
-  auto err = c10::make_intrusive<torch::autograd::Error>(message, std::move(edges));
+  auto err = make_node<torch::autograd::Error>(message, std::move(edges));
   for (at::Tensor& t : ts) {
     if (t.defined()) torch::autograd::set_history(t, err);
   }

@@ -491,7 +491,7 @@ Tensor free_bits_kl_autograd(FB_ARGS) {
   }();
   Tensor value = std::get<0>(o);
   if (needs) {
-    auto node = c10::make_intrusive<FreeBitsBackward>();
+    auto node = make_node<FreeBitsBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(mu, lv, pmu, plv, lam_t));
     const Tensor bufs[kNumIn] = {std::get<1>(o), std::get<2>(o), std::get<3>(o), std::get<4>(o),
                                  std::get<5>(o)};

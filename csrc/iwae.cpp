@@ -255,7 +255,7 @@ Tensor iwae_autograd(IWAE_ARGS) {
     loss = reduce(per, reduction);
   }
   if (!(need[kInX] || need[kInRlv] || need[kInLat])) return loss;
-  auto node = c10::make_intrusive<IwaeBackward>();
+  auto node = make_node<IwaeBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, y, rlv, lat));
   const Tensor* ins[kNumIn] = {&x, &y, &r, &lat};
   for (int s = 0; s < kNumIn; ++s) {

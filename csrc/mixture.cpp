@@ -647,7 +647,7 @@ Tensor mixture_kl_autograd(const Tensor& z, const Tensor& mu, const Tensor& lv, 
     out = reduce(kl, reduction);
   }
   if (any) {
-    auto node = c10::make_intrusive<MixtureKlBackward>();
+    auto node = make_node<MixtureKlBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(z, mu, lv, pmu, plv, lg));
     for (int s = 0; s < kMixSlots; ++s) {
       if (!ins[s]->defined()) continue;

@@ -260,9 +260,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_loss_autograd(VAE_FAST_ARGS) {
   }
   const bool beta_grad = grad_mode && beta_t.has_value() && beta_t->defined() &&
                          beta_t->requires_grad();
-  c10::intrusive_ptr<FusedLossBackward> node;
+  node_ptr<FusedLossBackward> node;
   if (needs || beta_grad) {
-    node = c10::make_intrusive<FusedLossBackward>();
+    node = make_node<FusedLossBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, y, rlv, w, pw, mu, lv, pmu, plv,
                                                              beta_t));
   }

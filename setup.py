@@ -34,7 +34,7 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
 }
 SOURCES = ["ops.cpp", "module.cpp", "plan.cpp", "run.cpp", "cpu_dispatch.cpp", "kernels_default.cpp",
-           "mixture.cpp", "free_bits.cpp", "iwae.cpp"]
+           "mixture.cpp", "free_bits.cpp", "iwae.cpp", "iwae_latent.cpp"]
 
 
 class BuildWithIsaKernels(BuildExtension):

@@ -2,8 +2,8 @@
 // pixels' part in one pass that also applies the importance weights to the gradient.
 //
 // With rows k*B + b of recon (K, B, ...) against target (B, ...) and the latent terms
-// lat_kb = log N(z_kb; 0, I) - log N(z_kb; mu_b, sigma_b) (computed by torch ops in
-// vae_fast/functional.py::iwae_loss, which differentiate them to z, mu and logvar):
+// lat_kb = log N(z_kb; 0, I) - log N(z_kb; mu_b, sigma_b) (computed by the op of
+// csrc/iwae_latent.cpp, whose backward takes lat's gradient to z, mu and logvar):
 //
 //   log w_kb = lat_kb - nll_kb,   per_b = -(logsumexp_k log w_kb - log K),
 //   w_kb = softmax_k(log w_kb),   d per_b / d nll_kb = w_kb,   d per_b / d lat_kb = -w_kb.

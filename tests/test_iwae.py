@@ -9,7 +9,10 @@ dtype, gradcheck); here is the op's own contract:
   buffer survives an in-place edit of a gradient handed out;
 - half-precision inputs, channels_last, a full-size log-variance;
 - opcheck, torch.compile(fullgraph=True) with a backward, torch.func.grad and vmap(grad),
-  inference mode; a second derivative and forward mode raise."""
+  inference mode; a second derivative and forward mode raise;
+- the latent terms' op, `vae_fast::iwae_latent` (csrc/iwae_latent.cpp): values and gradients
+  against the torch formula (vae_fast._common.iwae_latent) for every form of logvar, float64
+  gradcheck, opcheck of it and of its backward op, the same bits with any thread count."""
 import math
 
 import pytest
@@ -209,3 +212,90 @@ def test_latent_terms_reach_their_inputs_with_the_right_sign(backend):
     zm[1, 0, 2] -= h
     fd = (vae_fast.iwae_loss(recon, target, zp, mu, lv) - vae_fast.iwae_loss(recon, target, zm, mu, lv)) / (2 * h)
     assert math.isclose(g[1, 0, 2].item(), fd.item(), rel_tol=1e-6, abs_tol=1e-9)
+
+
+# ---- vae_fast::iwae_latent ---------------------------------------------------------------------
+
+LATENT_LV = ("full", "per_latent", "0-d", "number")
+
+
+def _latent_inputs(dtype, lv_form, *, k=3, b=5, z_dim=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def n(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    z, mu = n(k, b, z_dim).requires_grad_(), n(b, z_dim).requires_grad_()
+    lv = {"full": lambda: n(b, z_dim, scale=0.5), "per_latent": lambda: n(z_dim, scale=0.5),
+          "0-d": lambda: n((), scale=0.5), "number": lambda: 0.3}[lv_form]()
+    if isinstance(lv, torch.Tensor):
+        lv.requires_grad_()
+    return z, mu, lv
+
+
+def _latent_op(z, mu, lv, dtype):
+    tensor = isinstance(lv, torch.Tensor)
+    return torch.ops.vae_fast.iwae_latent(z, mu, lv if tensor else None, 0.0 if tensor else lv, dtype)
+
+
+@pytest.mark.parametrize("lv_form", LATENT_LV)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_latent_op_matches_the_formula(dtype, lv_form):
+    require_backend("cpu")
+    from vae_fast import _common as C
+    z, mu, lv = _latent_inputs(dtype, lv_form)
+    leaves = [t for t in (z, mu, lv) if isinstance(t, torch.Tensor)]
+    weight = torch.randn(z.shape[:2], generator=torch.Generator().manual_seed(1), dtype=dtype)
+    got = _latent_op(z, mu, lv, dtype)
+    want = C.iwae_latent(z, mu, lv, dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), leaves),
+                    torch.autograd.grad((want * weight).sum(), leaves)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_latent_op_float32_inputs_in_float64_and_back():
+    """The terms in the pixels' accumulation dtype (float64 here) from float32 inputs: the
+    gradients come back in each input's own dtype."""
+    require_backend("cpu")
+    from vae_fast import _common as C
+    z, mu, lv = _latent_inputs(torch.float32, "full")
+    got = _latent_op(z, mu, lv, torch.float64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, C.iwae_latent(z, mu, lv, torch.float64), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), (z, mu, lv))
+    want = torch.autograd.grad(C.iwae_latent(z, mu, lv, torch.float64).sum(), (z, mu, lv))
+    for a, b in zip(grads, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lv_form", LATENT_LV[:3])
+def test_latent_op_gradcheck(lv_form):
+    require_backend("cpu")
+    z, mu, lv = _latent_inputs(torch.float64, lv_form)
+    assert torch.autograd.gradcheck(lambda *a: _latent_op(*a, torch.float64), (z, mu, lv))
+
+
+def test_latent_op_opcheck_and_threads():
+    require_backend("cpu")
+    z, mu, lv = (t.detach() for t in _latent_inputs(torch.float32, "full", k=5, b=64, z_dim=128))
+    torch.library.opcheck(torch.ops.vae_fast.iwae_latent.default, (z, mu, lv, 0.0, torch.float32))
+    torch.library.opcheck(torch.ops.vae_fast.iwae_latent.default, (z.double(), mu, None, 0.3, torch.float64))
+    bwd = torch.ops.vae_fast.iwae_latent_backward.default
+    g = torch.randn(z.shape[:2])
+    torch.library.opcheck(bwd, (g, z, mu, lv[0], 0.0, 7))
+    torch.library.opcheck(bwd, (g, z, mu, None, 0.3, 3))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append((_latent_op(z, mu, lv, torch.float32), *bwd(g, z, mu, lv, 0.0, 7)))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)

@@ -17,6 +17,7 @@ from ._enums import Api, Likelihood, Reduction
 _Tensor = torch.Tensor
 _op = torch.ops.vae_fast.fused_loss.default if _ext.module is not None else None
 _iwae_op = torch.ops.vae_fast.iwae.default if _ext.module is not None else None
+_latent_op = torch.ops.vae_fast.iwae_latent.default if _ext.module is not None else None
 
 _KINDS = {"bernoulli": int(Likelihood.BERNOULLI), "bernoulli_probs": int(Likelihood.BERNOULLI_PROBS),
           "gaussian": int(Likelihood.GAUSSIAN),
@@ -189,16 +190,17 @@ def iwae_loss(recon, target, z, mu, logvar, *, likelihood="bernoulli", recon_log
 
     recon: (K, B, ...), the decoder's output for each sample (logits, probabilities or means,
     as `likelihood` says); target: (B, ...), read for every sample without being copied;
-    z: (K, B, Z); mu: (B, Z); logvar: (B, Z), broadcastable, or a number. The latent terms are
-    plain torch on (K, B, Z); the pixels, the logsumexp over k and the importance weights of
-    the gradient are one op, `vae_fast::iwae` (csrc/iwae.cpp)."""
+    z: (K, B, Z); mu: (B, Z); logvar: (B, Z), broadcastable, or a number. The latent terms
+    are one op, `vae_fast::iwae_latent` (csrc/iwae_latent.cpp); the pixels, the logsumexp over
+    k and the importance weights of the gradient are another, `vae_fast::iwae` (csrc/iwae.cpp)."""
     rlv, logvar = C.parse_iwae(recon, target, z, mu, logvar, likelihood, recon_logvar, full, reduction)
     backend = _backend.code(recon)
     if backend is None:
         return reference.iwae_loss(recon, target, z, mu, logvar, likelihood=likelihood,
                                    recon_logvar=recon_logvar, full=full, reduction=reduction)
     rlv, rlv_c = _param("recon_logvar", rlv)
-    lat = C.iwae_latent(z, mu, logvar, C.acc_dtype(recon, target, rlv))
+    lv, lv_c = _param("logvar", logvar, allow_none=False)
+    lat = _latent_op(z, mu, lv, lv_c, C.acc_dtype(recon, target, rlv))
     return _iwae_op(recon, target, rlv, lat, _KINDS[likelihood], full, rlv_c,
                     _ELBO_REDUCTIONS[reduction], backend)
 

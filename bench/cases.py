@@ -27,7 +27,10 @@ CASES = {c.name: c for c in (
     Case("celeba64", (64, 3, 64, 64), 128, "CelebA-64, 64 x 3x64x64, Z=128"),
     Case("img256", (32, 3, 256, 256), 256, "256^2 images, 32 x 3x256x256, Z=256"),
     Case("vol128", (4, 1, 128, 128, 128), 256, "3-D volume, 4 x 1x128^3, Z=256"),
+    # beyond every cache of a GPU (L2 of 50-60 MB): its bandwidth ceiling; not in the default set
+    Case("img512", (64, 3, 512, 512), 512, "512^2 images, 64 x 3x512x512, Z=512"),
 )}
+DEFAULT_CASES = ("mnist", "celeba64", "img256", "vol128")
 
 # "bernoulli": logits with a float target in [0, 1]; "bernoulli_bool": the same with a bool
 # target; "gaussian": means with a per-pixel log-variance of recon's shape that requires grad.

@@ -27,7 +27,7 @@ import vae_fast
 from vae_fast import _backend
 
 from . import report
-from .cases import CASES, CONTENDERS, DTYPES, LIKELIHOODS, PASSES, loss_functions, make_inputs, min_traffic_bytes
+from .cases import CASES, CONTENDERS, DEFAULT_CASES, DTYPES, LIKELIHOODS, PASSES, loss_functions, make_inputs, min_traffic_bytes
 from .measure import MB, Device, default_threads, slug, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,8 @@ def parse_args(argv=None):
         prog="python -m bench", allow_abbrev=False,
         description="vae_fast's fused ELBO against eager PyTorch and torch.compile: time, speedup, "
                     "effective bandwidth and peak memory, forward and forward+backward.")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list (default {','.join(CASES)})")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                   help=f"comma list of {','.join(CASES)} (default {','.join(DEFAULT_CASES)})")
     p.add_argument("--likelihoods", default=",".join(LIKELIHOODS),
                    help=f"comma list (default {','.join(LIKELIHOODS)})")
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list (default {','.join(DTYPES)})")
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
 
     date = datetime.date.today().isoformat()
     tags = ([] if args.backend == "auto" else [args.backend]) + (["quick"] if args.quick else [])
-    full = (args.cases == list(CASES) and args.likelihoods == list(LIKELIHOODS)
+    full = (args.cases == list(DEFAULT_CASES) and args.likelihoods == list(LIKELIHOODS)
             and args.dtypes == list(DTYPES) and args.contenders == list(CONTENDERS))
     if not full and not args.quick:
         tags.append("subset")

@@ -14,6 +14,7 @@ Offsets are int64 (tensors over 2^31 elements). `libdevice` is not used because 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -588,9 +589,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs(device: torch.device) -> int:
+    """About 8 programs per SM (the SM count is asked once per GPU: the query costs several us,
+    and every launch needs it)."""
     if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 0
 
 

@@ -460,9 +460,17 @@ def test_instruction_set_builds_agree():
                 continue
             tol = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=1e-5, atol=1e-6),
                    "bfloat16": dict(rtol=2e-2, atol=2e-2)}[key.split(".")[-1]]
-            for a, b in zip(out[key], vals):
-                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), **tol,
-                                           msg=lambda m: f"{isa} vs default, {key}: {m}")
+            for i, (a, b) in enumerate(zip(out[key], vals)):
+                t = tol
+                if key == "iwae-torch.float32" and i > 0:
+                    # The IWAE gradients carry the softmax weights of log w_kb, a float32 sum
+                    # of 4551 pixel terms that each build groups differently: the weights'
+                    # relative error is log w's absolute error, up to about 2^-23 |log w|
+                    # (|log w| ~ 8e3 here: 1e-3; seen: 2.6e-5). The loss itself (i = 0) keeps
+                    # the float32 tolerance.
+                    t = dict(tol, rtol=2.0 ** -23 * max(map(abs, vals[0])))
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), **t,
+                                           msg=lambda m: f"{isa} vs default, {key}[{i}]: {m}")
 
 
 def test_instruction_set_is_clamped_to_the_cpu():

@@ -4,7 +4,8 @@ on CUDA (events, `max_memory_allocated`) and on CPU (`perf_counter`, profiler me
 Every contender's step is timed alone, between two timestamps, after the caches are flushed
 and the gradients reset (neither timed). The contenders of one problem run interleaved, one
 step each per round, so that drift of a shared machine hits them all alike; the median of the
-rounds is reported.
+rounds is reported, and a ratio of two contenders is the median of their per-round ratios
+(paired_ratio).
 """
 from __future__ import annotations
 
@@ -165,6 +166,16 @@ def time_interleaved(dev: Device, steps: dict, *, min_reps: int, max_reps: int,
     after = _involuntary_switches()
     preempted = (after - switches) / (rounds * len(names)) if None not in (after, switches) else None
     return times, preempted
+
+
+def paired_ratio(num: list, den: list) -> float:
+    """The median over rounds of num[i] / den[i], for two contenders timed in the same rounds
+    of time_interleaved: each round's two steps ran back to back, so a slow phase of a shared
+    machine (which moves both medians, and one more than the other when it starts or ends
+    mid-run) cancels in each round's ratio."""
+    if not num or len(num) != len(den):
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def _involuntary_switches():

@@ -9,7 +9,8 @@
    and `iwae_loss`, against the eager formulas users write (the target expanded to the
    samples), and `mixture_prior_kl` at B = 256, K = 500, Z = 64 against its eager formula and
    `torch.compile` of it.
-Timed in interleaved rounds with caches flushed before each step (median, ms). Before timing,
+Timed in interleaved rounds with caches flushed before each step (median, ms); a ratio is the
+median of the per-round ratios (bench/measure.py: paired_ratio). Before timing,
 each vae_fast loss is checked against the formula written out here. Timings are reported,
 never asserted.
 """
@@ -26,7 +27,7 @@ import vae_fast
 from vae_fast import _backend
 
 from .cases import CASES
-from .measure import Device, cpu_model, default_threads, time_interleaved
+from .measure import Device, cpu_model, default_threads, paired_ratio, time_interleaved
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -106,10 +107,11 @@ def run(device, *, sizes=("celeba64", "img256"), log=print, min_reps=5, max_reps
             times, preempted = time_interleaved(dev, steps, min_reps=min_reps, max_reps=max_reps,
                                                 target_s=target_s)
             plain, option = statistics.median(times["plain"]), statistics.median(times[name])
+            ratio = paired_ratio(times[name], times["plain"])
             rows.append(dict(case=size, pixels=math.prod(case.shape), option=name, likelihood=likelihood,
-                             plain_ms=plain, option_ms=option, ratio=option / plain, preempted=preempted))
+                             plain_ms=plain, option_ms=option, ratio=ratio, preempted=preempted))
             log(f"  {size:<9} {likelihood:<9} {name:<20} plain {plain:7.3f} ms  option {option:7.3f} ms  "
-                f"ratio {option / plain:.2f}  ({len(times['plain'])} rounds, preempted "
+                f"ratio {ratio:.2f}  ({len(times['plain'])} rounds, preempted "
                 f"{preempted if preempted is None else round(preempted, 2)}/step)")
     return rows
 
@@ -205,9 +207,9 @@ def run_versus(device, *, sizes=("celeba64",), log=print, min_reps=5, max_reps=3
         med = {n: statistics.median(v) for n, v in times.items()}
         row = dict(objective=name, size=label, preempted=preempted,
                    **{f"{n}_ms": v for n, v in med.items()})
-        row["x_eager"] = med["eager"] / med["vae_fast"]
+        row["x_eager"] = paired_ratio(times["eager"], times["vae_fast"])
         if "compile" in med:
-            row["x_compile"] = med["compile"] / med["vae_fast"]
+            row["x_compile"] = paired_ratio(times["compile"], times["vae_fast"])
         rows.append(row)
         log(f"  {name:<17} {label:<20} " + "  ".join(f"{n} {v:8.3f} ms" for n, v in med.items())
             + f"  x eager {row['x_eager']:.2f}" + (f"  x compile {row['x_compile']:.2f}" if "x_compile" in row else ""))
@@ -237,7 +239,8 @@ def main(args, argv=None) -> int:
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
     header = (f"{name}, {threads} threads, torch {torch.__version__}, backend "
               f"{_backend.resolve(torch.device(device))}, {datetime.date.today()}; fwd+bwd, median of "
-              f"{args.reps or 'up to 30'} interleaved rounds, caches flushed before each step")
+              f"{args.reps or 'up to 30'} interleaved rounds, caches flushed before each step; ratios: "
+              f"median of the per-round ratios")
     text = "\n".join([header, ""] + markdown(rows) + [""] + markdown_versus(versus))
     print()
     print(text)

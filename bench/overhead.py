@@ -19,7 +19,8 @@ C++ node (every fused call, on every device); anything else means the call did n
 Before timing, vae_fast's loss and gradients must agree with eager's (float32 tolerances of
 `torch.testing.assert_close`); a disagreement raises `Mismatch` and nothing is timed. Steps run
 in rounds of `steps` back to back, timed with `time.perf_counter`, the two contenders
-interleaved (who goes first alternates); the median round / steps is reported in us. On CUDA
+interleaved (who goes first alternates); the median round / steps is reported in us, and
+vae_fast/eager is the median of the per-round ratios (bench/measure.py: paired_ratio). On CUDA
 the round ends with one `torch.cuda.synchronize()` (not one per step, which would add the
 launch latency to every step): the time is then the throughput of the step, which for these
 sizes is its host cost. Timings are reported, never asserted.
@@ -48,7 +49,7 @@ from vae_fast import _backend
 
 from . import report
 from .cases import HALF_LOG_2PI
-from .measure import Device, _involuntary_switches, slug
+from .measure import Device, _involuntary_switches, paired_ratio, slug
 from .run import RESULTS, _busy_warning, _git_revision
 
 B, SHAPE, Z = 4, (3, 4, 4), 8
@@ -191,7 +192,7 @@ def run(device, *, rounds=30, steps=200, warmup=50, out=None, tags=(), log=print
         noise = max(100.0 * (q[c][2] - q[c][0]) / med[c] for c in CONTENDERS)
         rows.append({
             "device": dev.name, "variant": v, "eager_us": med["eager"], "vae_fast_us": med["vae_fast"],
-            "ratio": med["vae_fast"] / med["eager"], "eager_us_p25": q["eager"][0],
+            "ratio": paired_ratio(times["vae_fast"], times["eager"]), "eager_us_p25": q["eager"][0],
             "eager_us_p75": q["eager"][2], "vae_fast_us_p25": q["vae_fast"][0],
             "vae_fast_us_p75": q["vae_fast"][2], "noise_pct": noise,
             "eager_preempted_per_step": preempted["eager"],

@@ -17,7 +17,8 @@ COLUMNS = (
 NUMERIC = ("time_ms", "gbps", "pct_copy_bw", "peak_extra_mb", "speedup_vs_eager", "speedup_vs_compile")
 
 LEGEND = (
-    "ms: median step time; x eager, x compile: vae_fast's speedup (baseline time / vae_fast time);",
+    "ms: median step time; x eager, x compile: vae_fast's speedup (baseline time / vae_fast time, the",
+    "median of the per-round ratios of the interleaved rounds);",
     "GB/s: the minimum traffic of docs/design.md / time; % copy BW: vae_fast's GB/s / the measured copy GB/s;",
     "MB: peak extra memory of one step (temporaries, outputs, the .grad it leaves); noise %: largest",
     "interquartile range / median; preempt: involuntary context switches of this process per step",

@@ -28,7 +28,7 @@ from vae_fast import _backend
 
 from . import report
 from .cases import CASES, CONTENDERS, DEFAULT_CASES, DTYPES, LIKELIHOODS, PASSES, loss_functions, make_inputs, min_traffic_bytes
-from .measure import MB, Device, default_threads, slug, time_interleaved
+from .measure import MB, Device, default_threads, paired_ratio, slug, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = dict(cases="mnist,celeba64", likelihoods="bernoulli,gaussian", dtypes="fp32")
@@ -249,8 +249,8 @@ def run_problem(dev: Device, case, likelihood: str, dtype_name: str, contenders,
                 "preempted_per_step": math.nan if preempted is None else preempted,
                 "gbps": gbps, "pct_copy_bw": 100.0 * gbps / copy_gbps,
                 "peak_extra_mb": peaks.get(c, math.nan) / 1e6,
-                "speedup_vs_eager": med.get("eager", math.nan) / t,
-                "speedup_vs_compile": med.get("compile", math.nan) / t,
+                "speedup_vs_eager": paired_ratio(times.get("eager", []), times.get(c, [])),
+                "speedup_vs_compile": paired_ratio(times.get("compile", []), times.get(c, [])),
                 "max_rel_err": errs.get(c, math.nan), "check": check,
                 "first_call_s": first_call_s.get(c, math.nan), "times_ms": times.get(c, []),
                 "error": errors.get(c),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,14 @@ def test_min_traffic_is_the_design_count():
     assert isinstance(g, Inputs) and g.recon_logvar.shape == g.recon.shape
     assert min_traffic_bytes(g, backward=False) == 3 * N * 2 + 2 * BZ * 2
     assert min_traffic_bytes(g.differentiable(), backward=True) == 3 * N * 2 + 2 * BZ * 2 + 2 * N * 2 + 2 * BZ * 2
+
+
+def test_ratios_are_paired_per_round():
+    """A speedup is the median of the per-round ratios: a slow phase that hits both contenders
+    of a round cancels, where a ratio of medians would take it in (here 2 instead of 1)."""
+    from bench.measure import paired_ratio
+
+    num, den = [1.0, 10.0, 10.0], [1.0, 5.0, 10.0]
+    assert paired_ratio(num, den) == 1.0
+    assert statistics.median(num) / statistics.median(den) == 2.0
+    assert math.isnan(paired_ratio([1.0], [1.0, 2.0])) and math.isnan(paired_ratio([], []))

@@ -141,13 +141,20 @@ def _without_profiler_log():
 
 
 def time_interleaved(dev: Device, steps: dict, *, min_reps: int, max_reps: int,
-                     target_s: float) -> dict:
+                     target_s: float, faults: dict | None = None) -> dict:
     """Per contender the list of step times (ms), and the involuntary context switches of this
     process per step (None where unknown). `steps` maps a name to `(step, reset)`; rounds
     continue until at least `min_reps` were run and the steps took `target_s` in all, or
-    `max_reps` were run. Every contender gets the same number of rounds."""
+    `max_reps` were run. Every contender gets the same number of rounds.
+
+    `faults`, when given, receives per contender the minor page faults of this process per
+    timed step: memory that the C library handed back to the kernel and takes again faults
+    on first touch (each fault a trap and a zeroed 4 KiB page). Which steps pay it
+    depends on the heap's layout (glibc trims its top and maps large blocks afresh), so two
+    steps that move the same bytes can differ by it; the column says when they do."""
     names = list(steps)
     times = {n: [] for n in names}
+    minflt = {n: 0 for n in names}
     total_ms = 0.0
     rounds = 0
     switches = _involuntary_switches()
@@ -159,12 +166,16 @@ def time_interleaved(dev: Device, steps: dict, *, min_reps: int, max_reps: int,
             # no sync after the flush (as triton.testing.do_bench): on a GPU the step's launches
             # queue behind it, as they queue behind the model's kernels in training
             dev.flush()
+            f0 = _minor_faults()
             t = dev.time_ms(step)
+            minflt[n] += _minor_faults() - f0
             times[n].append(t)
             total_ms += t
         rounds += 1
     after = _involuntary_switches()
     preempted = (after - switches) / (rounds * len(names)) if None not in (after, switches) else None
+    if faults is not None:
+        faults.update({n: minflt[n] / rounds if rounds and _minor_faults() >= 0 else None for n in names})
     return times, preempted
 
 
@@ -176,6 +187,15 @@ def paired_ratio(num: list, den: list) -> float:
     if not num or len(num) != len(den):
         return float("nan")
     return statistics.median(a / b for a, b in zip(num, den))
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (-1 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _involuntary_switches():

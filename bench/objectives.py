@@ -104,24 +104,32 @@ def run(device, *, sizes=("celeba64", "img256"), log=print, min_reps=5, max_reps
             for s, r in steps.values():  # warm-up
                 r()
                 s()
+            faults = {}
             times, preempted = time_interleaved(dev, steps, min_reps=min_reps, max_reps=max_reps,
-                                                target_s=target_s)
+                                                target_s=target_s, faults=faults)
             plain, option = statistics.median(times["plain"]), statistics.median(times[name])
             ratio = paired_ratio(times[name], times["plain"])
             rows.append(dict(case=size, pixels=math.prod(case.shape), option=name, likelihood=likelihood,
-                             plain_ms=plain, option_ms=option, ratio=ratio, preempted=preempted))
+                             plain_ms=plain, option_ms=option, ratio=ratio, preempted=preempted,
+                             plain_faults=faults["plain"], option_faults=faults[name]))
             log(f"  {size:<9} {likelihood:<9} {name:<20} plain {plain:7.3f} ms  option {option:7.3f} ms  "
                 f"ratio {ratio:.2f}  ({len(times['plain'])} rounds, preempted "
-                f"{preempted if preempted is None else round(preempted, 2)}/step)")
+                f"{preempted if preempted is None else round(preempted, 2)}/step, page faults/step "
+                f"{_faults(faults['plain'])} / {_faults(faults[name])})")
     return rows
 
 
+def _faults(n) -> str:
+    return "?" if n is None else f"{n:.0f}"
+
+
 def markdown(rows) -> list[str]:
-    out = ["| case | pixels | likelihood | option | plain ms | option ms | option / plain |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| case | pixels | likelihood | option | plain ms | option ms | option / plain | page faults / step (plain, option) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['case']} | {r['pixels'] / 1e6:.1f} M | {r['likelihood']} | `{r['option']}` | "
-                   f"{r['plain_ms']:.3f} | {r['option_ms']:.3f} | {r['ratio']:.2f} |")
+                   f"{r['plain_ms']:.3f} | {r['option_ms']:.3f} | {r['ratio']:.2f} | "
+                   f"{_faults(r.get('plain_faults'))}, {_faults(r.get('option_faults'))} |")
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 COLUMNS = (
     "device", "case", "shape", "latent", "likelihood", "dtype", "target_dtype", "pass",
     "contender", "backend", "elements", "min_bytes", "reps", "time_ms", "time_ms_p25",
-    "time_ms_p75", "time_ms_min", "noise_pct", "preempted_per_step", "gbps",
+    "time_ms_p75", "time_ms_min", "noise_pct", "preempted_per_step", "page_faults_per_step", "gbps",
     "pct_copy_bw", "peak_extra_mb", "speedup_vs_eager", "speedup_vs_compile", "max_rel_err", "check",
 )
 # finite and positive in every row of a run whose contenders all ran
@@ -22,7 +22,9 @@ LEGEND = (
     "GB/s: the minimum traffic of docs/design.md / time; % copy BW: vae_fast's GB/s / the measured copy GB/s;",
     "MB: peak extra memory of one step (temporaries, outputs, the .grad it leaves); noise %: largest",
     "interquartile range / median; preempt: involuntary context switches of this process per step",
-    "(raised by other processes competing for the cores); check: every contender agrees with eager",
+    "(raised by other processes competing for the cores); faults: minor page faults per step of each",
+    "contender (memory the C library took back from the kernel; its cost is in that contender's ms);",
+    "check: every contender agrees with eager",
 )
 
 
@@ -49,7 +51,9 @@ def table_lines(rows, contenders, *, markdown=False) -> list[str]:
     if "vae_fast" in contenders:
         head += ["% copy BW"]
     head += [f"{c} MB" for c in contenders]
-    head += ["reps", "noise %", "preempt", "check"]
+    head += ["reps", "noise %", "preempt"]
+    head += [f"{c} faults" for c in contenders]
+    head += ["check"]
     body = []
     for (case, lik, dt, ps), by in _groups(rows).items():
         any_row = next(iter(by.values()))
@@ -61,7 +65,9 @@ def table_lines(rows, contenders, *, markdown=False) -> list[str]:
             line += [_fmt(by["vae_fast"]["pct_copy_bw"], ".0f")]
         line += [_fmt(by[c]["peak_extra_mb"], ".2f") for c in contenders]
         line += [str(any_row["reps"]), _fmt(any_row["noise_pct"], ".0f"),
-                 _fmt(any_row["preempted_per_step"], ".2g"), any_row["check"]]
+                 _fmt(any_row["preempted_per_step"], ".2g")]
+        line += [_fmt(by[c].get("page_faults_per_step"), ".0f") for c in contenders]
+        line += [any_row["check"]]
         body.append(line)
     return format_table(head, body, left=4, markdown=markdown)  # the first 4 columns are names
 

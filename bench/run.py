@@ -225,7 +225,8 @@ def run_problem(dev: Device, case, likelihood: str, dtype_name: str, contenders,
         if errors:
             check = "FAILED " + ",".join(errors) + ("" if check in ("ok", "-") else "; " + check)
 
-        times, preempted = time_interleaved(dev, live, **policy) if live else ({}, None)
+        faults = {}
+        times, preempted = time_interleaved(dev, live, **policy, faults=faults) if live else ({}, None)
         peaks = {}
         for c, (step, rst) in live.items():
             rst()
@@ -247,6 +248,7 @@ def run_problem(dev: Device, case, likelihood: str, dtype_name: str, contenders,
                 "time_ms_p25": quart.get(c, nan3)[0], "time_ms_p75": quart.get(c, nan3)[2],
                 "time_ms_min": min(times.get(c, [math.nan])), "noise_pct": noise,
                 "preempted_per_step": math.nan if preempted is None else preempted,
+                "page_faults_per_step": math.nan if faults.get(c) is None else faults[c],
                 "gbps": gbps, "pct_copy_bw": 100.0 * gbps / copy_gbps,
                 "peak_extra_mb": peaks.get(c, math.nan) / 1e6,
                 "speedup_vs_eager": paired_ratio(times.get("eager", []), times.get(c, [])),

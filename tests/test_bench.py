@@ -102,3 +102,17 @@ def test_ratios_are_paired_per_round():
     assert paired_ratio(num, den) == 1.0
     assert statistics.median(num) / statistics.median(den) == 2.0
     assert math.isnan(paired_ratio([1.0], [1.0, 2.0])) and math.isnan(paired_ratio([], []))
+
+
+def test_page_faults_are_counted_per_contender():
+    """A step that touches fresh mapped memory shows its page faults; one that does not, none."""
+    from bench.measure import Device, time_interleaved
+
+    if not hasattr(__import__("os"), "sched_getaffinity"):
+        pytest.skip("no getrusage fault counts off Linux")
+    dev = Device(torch.device("cpu"), 0)
+    steps = {"fresh": (lambda: torch.empty(16 * 2 ** 20).fill_(1.0), lambda: None),  # 64 MiB, mmap'd
+             "nothing": (lambda: None, lambda: None)}
+    faults = {}
+    time_interleaved(dev, steps, min_reps=3, max_reps=3, target_s=0.0, faults=faults)
+    assert faults["fresh"] > 1000 and faults["nothing"] < 50, faults

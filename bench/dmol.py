@@ -36,7 +36,7 @@ import vae_fast
 from vae_fast import _backend
 
 from . import report
-from .measure import MB, Device, slug, time_interleaved
+from .measure import MB, Device, heap_setting, slug, time_interleaved
 from .run import RESULTS, _busy_warning, _git_revision
 
 
@@ -352,7 +352,7 @@ def main(args, argv=None) -> int:
     meta = dict(
         date=date, device_type=device.type, device=dev_name, threads=threads, torch=torch.__version__,
         python=platform.python_version(), vae_fast=vae_fast.__version__, git=_git_revision(),
-        vae_fast_backend=engine, backend_requested=args.backend, reps_policy=policy,
+        vae_fast_backend=engine, backend_requested=args.backend, reps_policy=policy, heap=heap_setting(),
         problems={p: PROBLEMS[p].label for p in PROBLEMS},
         step="params.grad = None; loss(params, target).backward(); reduction sum",
         eager="bench/dmol.py eager_dmol_loss: PixelCNN++ discretized_mix_logistic_loss in PyTorch",

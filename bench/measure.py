@@ -189,6 +189,22 @@ def paired_ratio(num: list, den: list) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+# --steady-heap: glibc keeps freed memory (no trimming of the heap's top) and serves blocks up
+# to 32 MiB (the most M_MMAP_THRESHOLD takes) from the heap instead of fresh mappings, so a
+# step reuses pages already faulted in; a common setting for CPU benchmarks of PyTorch (as is
+# preloading jemalloc or tcmalloc). glibc reads it at process start: bench/__main__.py
+# re-executes the run with it.
+STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 * MB), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def heap_setting() -> str:
+    """How this process's C heap is set: 'default', or the variables of --steady-heap."""
+    got = {k: os.environ[k] for k in STEADY_HEAP if k in os.environ}
+    if not got:
+        return "default"
+    return " ".join(f"{k}={v}" for k, v in got.items())
+
+
 def _minor_faults() -> int:
     """Minor page faults of this process so far (-1 where unknown)."""
     try:

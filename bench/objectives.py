@@ -27,7 +27,7 @@ import vae_fast
 from vae_fast import _backend
 
 from .cases import CASES
-from .measure import Device, cpu_model, default_threads, paired_ratio, time_interleaved
+from .measure import Device, cpu_model, default_threads, heap_setting, paired_ratio, time_interleaved
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -248,7 +248,7 @@ def main(args, argv=None) -> int:
     header = (f"{name}, {threads} threads, torch {torch.__version__}, backend "
               f"{_backend.resolve(torch.device(device))}, {datetime.date.today()}; fwd+bwd, median of "
               f"{args.reps or 'up to 30'} interleaved rounds, caches flushed before each step; ratios: "
-              f"median of the per-round ratios")
+              f"median of the per-round ratios; C heap: {heap_setting()}")
     text = "\n".join([header, ""] + markdown(rows) + [""] + markdown_versus(versus))
     print()
     print(text)

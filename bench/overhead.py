@@ -49,7 +49,7 @@ from vae_fast import _backend
 
 from . import report
 from .cases import HALF_LOG_2PI
-from .measure import Device, _involuntary_switches, paired_ratio, slug
+from .measure import Device, _involuntary_switches, heap_setting, paired_ratio, slug
 from .run import RESULTS, _busy_warning, _git_revision
 
 B, SHAPE, Z = 4, (3, 4, 4), 8
@@ -217,7 +217,7 @@ def run(device, *, rounds=30, steps=200, warmup=50, out=None, tags=(), log=print
              "(grad = ones(B) for reduction none, made once)",
         eager="F.binary_cross_entropy_with_logits(x, y, reduction='sum')/B + beta*KL/B; gaussian: "
               "0.5*(s + (y-m)**2*exp(-s)).sum()/B + 0.5*log(2pi)*N/B + KL/B; none: per-sample sums",
-        load_average_before=load_before, load_average_after=load_after, argv=argv,
+        load_average_before=load_before, load_average_after=load_after, argv=argv, heap=heap_setting(),
     )
     paths = []
     if out is not None:

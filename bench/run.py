@@ -28,7 +28,7 @@ from vae_fast import _backend
 
 from . import report
 from .cases import CASES, CONTENDERS, DEFAULT_CASES, DTYPES, LIKELIHOODS, PASSES, loss_functions, make_inputs, min_traffic_bytes
-from .measure import MB, Device, default_threads, paired_ratio, slug, time_interleaved
+from .measure import MB, Device, default_threads, heap_setting, paired_ratio, slug, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = dict(cases="mnist,celeba64", likelihoods="bernoulli,gaussian", dtypes="fp32")
@@ -74,6 +74,11 @@ def parse_args(argv=None):
                         f"{QUICK['cases']}, likelihoods {QUICK['likelihoods']}, dtypes {QUICK['dtypes']} "
                         "unless given, 3-10 rounds; writes to a temporary directory unless --out is given")
     p.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    p.add_argument("--steady-heap", action="store_true",
+                   help="run with glibc's heap kept (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ "
+                        "32 MiB): steps reuse memory already faulted in, instead of paying page "
+                        "faults that depend on the heap's layout (see the faults columns); for every "
+                        "mode, recorded in the output")
     p.add_argument("--overhead", action="store_true",
                    help="instead: the host cost (us) of a tiny training step, eager vs vae_fast, in four "
                         "variants (bench/overhead.py); honours --device, --threads, --backend, --out, "
@@ -324,6 +329,7 @@ def main(argv=None) -> int:
         else:
             reps_txt = f"{policy['min_reps']} rounds"
         log(f"timing: {how}, median of interleaved rounds ({reps_txt}), {warmup} warm-up calls, {flushed}")
+        log(f"C heap: {heap_setting()}")
         log("")
         rows = []
         problems = [(CASES[c], lk, dt) for c in args.cases for lk in args.likelihoods for dt in args.dtypes]
@@ -351,7 +357,7 @@ def main(argv=None) -> int:
         python=platform.python_version(), vae_fast=vae_fast.__version__, git=_git_revision(),
         vae_fast_backend=backend, backend_requested=args.backend,
         copy_bandwidth_gbps=copy_gbps, copy_bytes=copy_bytes,
-        timing=f"{how}; median over interleaved rounds; {flushed}", reps_policy=policy,
+        timing=f"{how}; median over interleaved rounds; {flushed}", reps_policy=policy, heap=heap_setting(),
         warmup_calls=warmup,
         peak_memory=("torch.cuda.max_memory_allocated() - memory_allocated() before one step" if dev.is_cuda
                      else "peak of the running sum of the CPU allocations/frees recorded by "

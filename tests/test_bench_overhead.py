@@ -24,8 +24,10 @@ from bench import run as bench_run  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("overhead")
+    # --steady-heap: the run re-executes itself with glibc's heap settings (checked in the meta)
     proc = subprocess.run([sys.executable, "-m", "bench", "--overhead", "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--steady-heap", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -65,6 +67,9 @@ def test_quick_run_writes_csv_json_md(quick_run):
     for key in ("device", "torch", "threads", "date", "vae_fast_backend"):
         assert data["meta"][key] is not None, key
     assert data["meta"]["vae_fast_backend"] in ("cpu", "reference", "triton")
+    from bench.measure import STEADY_HEAP
+
+    assert data["meta"]["heap"] == " ".join(f"{k}={v}" for k, v in STEADY_HEAP.items())
     for r in data["results"]:
         assert set(r["times_us"]) == set(overhead.CONTENDERS)
         assert len(r["times_us"]["eager"]) == len(r["times_us"]["vae_fast"]) == r["rounds"]

@@ -168,14 +168,16 @@ def time_interleaved(dev: Device, steps: dict, *, min_reps: int, max_reps: int,
             dev.flush()
             f0 = _minor_faults()
             t = dev.time_ms(step)
-            minflt[n] += _minor_faults() - f0
+            if f0 is not None:
+                minflt[n] += _minor_faults() - f0
             times[n].append(t)
             total_ms += t
         rounds += 1
     after = _involuntary_switches()
     preempted = (after - switches) / (rounds * len(names)) if None not in (after, switches) else None
     if faults is not None:
-        faults.update({n: minflt[n] / rounds if rounds and _minor_faults() >= 0 else None for n in names})
+        known = rounds and _minor_faults() is not None
+        faults.update({n: minflt[n] / rounds if known else None for n in names})
     return times, preempted
 
 
@@ -205,23 +207,23 @@ def heap_setting() -> str:
     return " ".join(f"{k}={v}" for k, v in got.items())
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (-1 where unknown)."""
-    try:
-        import resource
-    except ImportError:  # not Unix
-        return -1
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _minor_faults():
+    """Minor page faults of this process so far (None where unknown)."""
+    return _rusage("ru_minflt")
 
 
 def _involuntary_switches():
     """How often the scheduler has taken a core from this process (all its threads) so far: a
     count that grows only when other processes want the CPU, so it flags a shared machine."""
+    return _rusage("ru_nivcsw")
+
+
+def _rusage(field: str):
     try:
         import resource
     except ImportError:  # not Unix
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+    return getattr(resource.getrusage(resource.RUSAGE_SELF), field)
 
 
 def default_threads() -> int:

@@ -276,9 +276,7 @@ def kl_objective(terms: ELBOTerms, beta, capacity, free_bits, reduction, batch: 
         weight = beta
     else:
         kl_term = floored_kl()
-        weight = beta * batch if reduction == "sum" and not isinstance(beta, torch.Tensor) else beta
-        if reduction == "sum" and isinstance(beta, torch.Tensor):
-            kl_term = kl_term * batch
+        weight = beta * batch if reduction == "sum" else beta
     if isinstance(weight, torch.Tensor):
         return ELBOTerms(terms.nll + weight * kl_term, terms.nll, terms.kl)
     return ELBOTerms(torch.add(terms.nll, kl_term, alpha=weight), terms.nll, terms.kl)

@@ -264,6 +264,22 @@ def test_free_bits_matches_eager(backend, reduction, dtype, kind, prior):
 
 
 @pytest.mark.parametrize("reduction", ("batchmean", "sum"))
+def test_free_bits_tensor_beta_matches_eager(backend, reduction):
+    """A 0-d tensor beta (annealed) with free bits: the loss and the gradients of the inputs and
+    of beta itself, as the eager formula gives them (a number beta takes another code path)."""
+    x, y, mu, lv, pmu = _free_bits_case(torch.float64)
+    beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    out = vae_fast.elbo_loss(x, y, mu, lv, beta=beta, free_bits=0.5, reduction=reduction)
+    got = torch.autograd.grad(out, (x, mu, lv, beta))
+    ref = [t.detach().clone().requires_grad_() for t in (x, mu, lv, beta)]
+    want = eager_free_bits_elbo(ref[0], y, ref[1], ref[2], pmu, torch.tensor(0.0, dtype=torch.float64),
+                                beta=ref[3], lam=0.5, reduction=reduction)
+    torch.testing.assert_close(out, want)
+    for a, b in zip(got, torch.autograd.grad(want, ref)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum"))
 def test_free_bits_gradcheck(backend, reduction):
     x, y, mu, lv, _ = _free_bits_case(torch.float64)
     x, mu, lv = (t.detach()[:3, ..., :2].clone().requires_grad_() if t.dim() == 4 else t.detach()[:3].clone().requires_grad_()
